@@ -1,0 +1,1 @@
+"""Framework adapters, shipped as ``reliable.integrations``."""

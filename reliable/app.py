@@ -1,0 +1,258 @@
+"""``Reliable``: the registry of tasks, the store, and the workers of one application."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar, overload
+
+from .clock import Clock, SystemClock
+from .errors import ConfigError, IdempotencyConflict, JobNotFound
+from .execution import after_failure, run_attempt
+from .jobs import AttemptInfo, JobHandle, JobInfo
+from .serialization import dumps
+from .settings import Settings
+from .store import IdempotencyClaim, NewJob, Store
+from .tasks import DEFAULT_QUEUE, Task, TaskOptions
+from .worker import Worker, new_worker_id
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+log = logging.getLogger("reliable")
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+class Reliable:
+    """Durable execution for one application.
+
+    Every setting (see ``Settings``) comes from its ``RELIABLE_*`` environment variable
+    unless passed here; a bad value raises ``ConfigError`` naming the variable.
+
+    >>> rel = Reliable(database_url="sqlite:///jobs.db")
+    >>> @rel.task(retries=3)
+    ... def send_invoice(order_id: int) -> dict: ...
+
+    ``clock`` replaces the wall clock (tests move time by hand). The database is opened
+    on first use and its schema upgraded then (``RELIABLE_AUTO_MIGRATE``).
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        clock: Clock | None = None,
+        auto_migrate: bool = True,
+        **settings: Any,
+    ) -> None:
+        self.settings = Settings.load({"database_url": database_url, **settings})
+        self.clock: Clock = clock or SystemClock()
+        self.auto_migrate = auto_migrate
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._store: Store | None = None
+        self._lock = threading.Lock()
+        self._worker: Worker | None = None
+        self._inline_worker_id = new_worker_id()
+
+    def __repr__(self) -> str:
+        return f"<Reliable {self.settings.database_url}>"
+
+    @property
+    def store(self) -> Store:
+        """The job store, opened (and its schema upgraded) on first use."""
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = Store(
+                        self.settings.database_url,
+                        pool_size=self.settings.worker_threads + 4,
+                        sqlite_synchronous=self.settings.sqlite_synchronous,
+                        auto_migrate=self.auto_migrate,
+                    )
+        return self._store
+
+    # -- tasks --------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, /, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self, fn: Callable[P, R] | None = None, /, **options: Any
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Mark a function as a task: ``@rel.task`` or ``@rel.task(retries=5, ...)``.
+
+        Options: ``name`` (default: the function's name), ``retries`` (attempts after the
+        first; default ``RELIABLE_RETRIES``), ``backoff`` (a tenacity wait strategy),
+        ``retry_on`` (exception types retried; default ``Exception``), ``timeout``
+        (seconds or ``"2m"`` per attempt; default ``RELIABLE_TIMEOUT``), ``queue``,
+        ``priority`` (higher first), ``idempotency_key`` (a function of the arguments),
+        ``on_failure`` (called once with the ``JobInfo`` when the job fails for good).
+
+        Raises ``ConfigError`` naming a bad option, or a name already taken.
+        """
+
+        def decorate(function: Callable[P, R]) -> Task[P, R]:
+            task = Task(self, function, TaskOptions.build(function, **options))
+            self.register(task)
+            return task
+
+        return decorate if fn is None else decorate(fn)
+
+    def register(self, task: Task[Any, Any]) -> None:
+        """Add a task to this application; its name must be unused."""
+        existing = self.tasks.get(task.name)
+        if existing is not None and existing.fn is not task.fn:
+            raise ConfigError(
+                "name",
+                f"a task named {task.name!r} is already registered "
+                f"({existing.fn.__module__}.{existing.fn.__qualname__}); pass name=...",
+            )
+        self.tasks[task.name] = task
+
+    def queues(self) -> list[str]:
+        """Every queue a registered task uses (and ``default``)."""
+        return sorted({DEFAULT_QUEUE, *(task.options.queue for task in self.tasks.values())})
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def _enqueue_call(
+        self,
+        task: Task[Any, Any],
+        args: list[Any],
+        kwargs: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> JobHandle[Any]:
+        payload = dumps({"args": args, "kwargs": kwargs})
+        return self.enqueue_payload(task, payload, idempotency_key=idempotency_key)
+
+    def enqueue_payload(
+        self,
+        task: Task[Any, Any],
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        idempotency_scope: str | None = None,
+        fingerprint: str | None = None,
+    ) -> JobHandle[Any]:
+        """Commit a job of ``task`` with an already-encoded JSON ``payload``.
+
+        ``idempotency_scope`` defaults to the task; ``fingerprint`` (default: a hash of
+        the payload) tells a replay from a conflicting reuse of the key.
+        """
+        now = self.clock.now()
+        job = NewJob(
+            id=uuid.uuid4().hex,
+            task=task.name,
+            queue=task.options.queue,
+            priority=task.options.priority,
+            payload=payload,
+            run_at=now,
+            created_at=now,
+            idempotency_key=idempotency_key,
+        )
+        claim = None
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not (
+                0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+            ):
+                raise ConfigError(
+                    "idempotency_key", f"expected 1 to 255 characters, got {idempotency_key!r}"
+                )
+            if fingerprint is None:
+                fingerprint = hashlib.sha256(payload.encode()).hexdigest()
+            claim = IdempotencyClaim(
+                scope=idempotency_scope or f"task:{task.name}",
+                key=idempotency_key,
+                fingerprint=fingerprint,
+                expires_at=now + self.settings.idempotency_ttl,
+            )
+        result = self.store.enqueue(job, claim, now)
+        if not result.created and result.fingerprint != fingerprint:
+            raise IdempotencyConflict(idempotency_key or "", result.job_id)
+        return JobHandle(self, result.job_id, created=result.created)
+
+    def get_job(self, job_id: str) -> JobInfo:
+        """A snapshot of the job; raises ``JobNotFound``."""
+        row = self.store.get_job(job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        return JobInfo.from_row(row)
+
+    def get_attempts(self, job_id: str) -> list[AttemptInfo]:
+        """The attempts of the job that did not succeed, oldest first."""
+        return [AttemptInfo.from_row(row) for row in self.store.get_attempts(job_id)]
+
+    def job(self, job_id: str) -> JobHandle[Any]:
+        """A handle on an existing job."""
+        return JobHandle(self, job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job that has not finished: queued, it never runs; running, its result
+        is discarded and it is not retried. Returns false if it had already finished."""
+        if self.store.get_status(job_id) is None:
+            raise JobNotFound(job_id)
+        return self.store.cancel(job_id, self.clock.now())
+
+    # -- running jobs -------------------------------------------------------------------
+
+    def start_worker(
+        self, threads: int | None = None, queues: Sequence[str] | None = None
+    ) -> Worker:
+        """Start worker threads in this process (``threads`` default
+        ``RELIABLE_WORKER_THREADS``; ``queues`` default: every queue of a registered task)."""
+        with self._lock:
+            if self._worker is not None and self._worker.running:
+                raise RuntimeError("a worker is already running for this Reliable")
+            worker = Worker(
+                self,
+                threads=threads or self.settings.worker_threads,
+                queues=queues or self.queues(),
+            )
+            self._worker = worker
+        return worker.start()
+
+    def stop_worker(self, timeout: float | None = None) -> None:
+        """Stop the worker started by ``start_worker``, gracefully (see ``Worker.stop``)."""
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop(timeout)
+
+    @property
+    def worker(self) -> Worker | None:
+        return self._worker
+
+    def run_until_idle(self, queues: Sequence[str] | None = None) -> int:
+        """Run every due job in this thread, one after another; return how many ran.
+
+        For tests: retries scheduled in the future (by the clock) are left for a later
+        call, so a test moves its clock and calls again.
+        """
+        worker_id = self._inline_worker_id
+        ran = 0
+        while True:
+            claimed = self.store.claim(
+                worker_id, queues or self.queues(), 1, self.clock.now(), self.settings.lease_seconds
+            )
+            if not claimed.jobs:
+                return ran
+            job = claimed.jobs[0]
+            outcome = run_attempt(self, job)
+            discarded = self.store.settle(worker_id, [outcome])
+            if outcome.status == "failed" and job.id not in discarded:
+                after_failure(self, job.id, job.task)
+            ran += 1
+
+    def close(self) -> None:
+        """Stop the worker and release database connections."""
+        self.stop_worker()
+        if self._store is not None:
+            self._store.close()
+            self._store = None

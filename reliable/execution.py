@@ -1,0 +1,144 @@
+"""One attempt of one job: run the task, decide what happens next.
+
+This is where job semantics live. The worker and ``run_until_idle`` only claim jobs,
+call ``run_attempt`` and hand its ``Outcome`` back to the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import tenacity
+
+from .context import JobContext, _current
+from .errors import NonRetriable, ReliableError, RetryAfter, SerializationError, UnknownTask
+from .serialization import dumps, loads
+from .store import ClaimedJob, Outcome
+from .tasks import Task, run_coroutine
+
+if TYPE_CHECKING:
+    from .app import Reliable
+
+log = logging.getLogger("reliable.worker")
+
+
+class AttemptTimeout(ReliableError):
+    """An attempt ran longer than its task's ``timeout``."""
+
+
+def error_document(exc: BaseException) -> str:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return json.dumps(
+        {
+            "type": name,
+            "message": str(exc),
+            "traceback": "".join(traceback.format_exception(exc)),
+        }
+    )
+
+
+def max_attempts(app: Reliable, task: Task[Any, Any]) -> int:
+    retries = task.options.retries
+    return 1 + (app.settings.retries if retries is None else retries)
+
+
+def timeout_of(app: Reliable, task: Task[Any, Any]) -> float | None:
+    return task.options.timeout if task.options.timeout is not None else app.settings.timeout
+
+
+def backoff_seconds(task: Task[Any, Any], attempt: int, exc: BaseException) -> float:
+    """The task's wait strategy asked as tenacity would ask it after ``attempt`` failed."""
+    state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+    state.attempt_number = attempt
+    state.outcome = tenacity.Future.construct(attempt, exc, True)
+    return max(0.0, float(task.options.backoff(state)))
+
+
+def failure(
+    app: Reliable,
+    task: Task[Any, Any] | None,
+    job: ClaimedJob,
+    exc: BaseException,
+    *,
+    retry: bool,
+    delay: float | None = None,
+) -> Outcome:
+    """The outcome of a failed attempt: a retry while attempts remain, else ``failed``."""
+    now = app.clock.now()
+    error = error_document(exc)
+    limit = max_attempts(app, task) if task is not None else 1 + app.settings.retries
+    if retry and job.attempt < limit:
+        if delay is None:
+            delay = backoff_seconds(task, job.attempt, exc) if task is not None else 1.0
+        return Outcome(
+            job.id, job.attempt, "queued", job.started_at, now, None, error, now + delay, job.task
+        )
+    return Outcome(job.id, job.attempt, "failed", job.started_at, now, None, error, task=job.task)
+
+
+def timed_out(app: Reliable, job: ClaimedJob, timeout: float) -> Outcome:
+    """The outcome of an attempt that overran ``timeout``; its late result is discarded."""
+    task = app.tasks.get(job.task)
+    exc = AttemptTimeout(f"the attempt exceeded its timeout of {timeout:g} s")
+    return failure(app, task, job, exc, retry=True)
+
+
+def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
+    """Run one attempt of ``job`` in this thread and return what should happen next."""
+    task = app.tasks.get(job.task)
+    exc: ReliableError
+    if task is None:
+        exc = UnknownTask(f"task {job.task!r} is not registered in this worker")
+        return failure(app, None, job, exc, retry=True)
+    if job.attempt > max_attempts(app, task):
+        # The previous attempt was lost with its worker and it was the last one allowed.
+        exc = ReliableError(f"no attempts left after attempt {job.attempt - 1} was lost")
+        return failure(app, task, job, exc, retry=False)
+
+    timeout = timeout_of(app, task)
+    token = _current.set(JobContext(job.id, task.name, job.attempt, job.queue))
+    try:
+        payload = loads(job.payload)
+        value = task.invoke(payload)
+        if task.is_async:
+            value = run_coroutine(value, timeout)
+        if timeout is not None and app.clock.now() - job.started_at > timeout:
+            return timed_out(app, job, timeout)
+        result = dumps(value)
+    except RetryAfter as exc:
+        return failure(app, task, job, exc, retry=True, delay=exc.seconds)
+    except NonRetriable as exc:
+        return failure(app, task, job, exc, retry=False)
+    except SerializationError as exc:
+        # Storing the result (or reading the payload) will not work any better next time.
+        return failure(app, task, job, exc, retry=False)
+    except TimeoutError as exc:
+        if task.is_async and timeout is not None:  # asyncio.wait_for cancelled the attempt
+            return timed_out(app, job, timeout)
+        return failure(app, task, job, exc, retry=isinstance(exc, task.options.retry_on))
+    except Exception as exc:
+        return failure(app, task, job, exc, retry=isinstance(exc, task.options.retry_on))
+    finally:
+        _current.reset(token)
+    return Outcome(
+        job.id, job.attempt, "succeeded", job.started_at, app.clock.now(), result, task=job.task
+    )
+
+
+def after_failure(app: Reliable, job_id: str, task_name: str) -> None:
+    """Run the task's ``on_failure`` hook once the job's failure is committed."""
+    task = app.tasks.get(task_name)
+    if task is None or task.options.on_failure is None:
+        return
+    try:
+        task.options.on_failure(app.get_job(job_id))
+    except Exception:
+        log.exception("on_failure of task %s raised for job %s", task_name, job_id)

@@ -1,0 +1,533 @@
+"""The job store: a narrow set of atomic operations on SQLite or PostgreSQL.
+
+Every write is one transaction. Uniqueness (job ids, idempotency keys) is held by the
+database's indexes, not by checks in Python, so it holds across processes and machines.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, func, select, text, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+from ..errors import ConfigError, StoreError
+from . import postgres, sqlite
+from .migrate import ensure_schema
+from .records import (
+    AttemptRow,
+    ClaimedJob,
+    EnqueueResult,
+    IdempotencyClaim,
+    JobRow,
+    NewJob,
+    Outcome,
+)
+from .schema import CLAIMABLE, attempts, idempotency_keys, jobs, workers
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+_LOST_ERROR = {
+    "type": "WorkerLost",
+    "message": "the worker stopped renewing its lease (it died or lost the database)",
+    "traceback": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """Jobs leased by a claim, and the outcomes it refused because their lease was gone."""
+
+    jobs: list[ClaimedJob]
+    discarded: list[str] = field(default_factory=list)
+
+
+def parse_database_url(raw: str) -> URL:
+    """Parse a database URL; ``postgres://`` and ``postgresql://`` mean psycopg 3."""
+    try:
+        url = make_url(raw)
+    except ArgumentError as exc:
+        raise ConfigError("RELIABLE_DATABASE_URL", f"not a database URL: {raw!r}") from exc
+    backend = url.get_backend_name()
+    if backend == "postgres":
+        url = url.set(drivername="postgresql+psycopg")
+    elif backend not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            "RELIABLE_DATABASE_URL", f"only sqlite:// and postgresql:// are supported, got {raw!r}"
+        )
+    if backend == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigError(
+            "RELIABLE_DATABASE_URL",
+            "an in-memory SQLite database cannot be shared by workers; name a file",
+        )
+    return url
+
+
+class Store:
+    """Jobs, attempts, leases and idempotency keys in one database.
+
+    ``url`` is a SQLAlchemy URL (``sqlite:///jobs.db`` or ``postgresql://...``). The
+    schema is brought to the current revision on first use when ``auto_migrate`` is set.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 8,
+        sqlite_synchronous: str = "FULL",
+        auto_migrate: bool = True,
+    ) -> None:
+        self.url = parse_database_url(url)
+        self.dialect = "sqlite" if self.url.get_backend_name() == "sqlite" else "postgresql"
+        self.engine: Engine
+        if self.dialect == "sqlite":
+            self.engine = sqlite.make_engine(
+                self.url, synchronous=sqlite_synchronous, pool_size=pool_size
+            )
+            self._insert: Any = sqlite.insert
+        else:
+            self.engine = postgres.make_engine(self.url, pool_size=pool_size)
+            self._insert = postgres.insert
+        self._changed = threading.Condition()
+        self._wakers: list[Callable[[], None]] = []
+        try:
+            ensure_schema(self.engine, auto=auto_migrate)
+        except DBAPIError as exc:
+            raise StoreError(f"cannot open the database {self.describe()}: {exc}") from exc
+
+    def describe(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+    # -- transactions -------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as connection:
+                yield connection
+        except DBAPIError as exc:
+            raise StoreError(f"database write failed: {exc.orig}") from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as connection:
+                connection = connection.execution_options(reliable_read=True)
+                with connection.begin():
+                    yield connection
+        except DBAPIError as exc:
+            raise StoreError(f"database read failed: {exc.orig}") from exc
+
+    # -- local notifications ------------------------------------------------------------
+
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` after this process commits new work (workers in this process)."""
+        self._wakers.append(wake)
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        if wake in self._wakers:
+            self._wakers.remove(wake)
+
+    def _wake(self) -> None:
+        for wake in list(self._wakers):
+            wake()
+
+    def _notify_changed(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until this process settles or cancels a job, or ``timeout`` passes."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    def _notify_other_processes(self, connection: Connection) -> None:
+        if self.dialect == "postgresql":
+            connection.execute(
+                text("SELECT pg_notify(:channel, '')"), {"channel": postgres.CHANNEL}
+            )
+
+    # -- enqueue ------------------------------------------------------------------------
+
+    def enqueue(
+        self, job: NewJob, idempotency: IdempotencyClaim | None, now: float
+    ) -> EnqueueResult:
+        """Insert ``job``; with ``idempotency``, only if the key is free or expired.
+
+        When an unexpired key already names a job, nothing is written and that job's id
+        is returned with ``created=False`` and the fingerprint it was stored with.
+        """
+        with self._write() as connection:
+            if idempotency is not None:
+                stmt = self._insert(idempotency_keys).values(
+                    scope=idempotency.scope,
+                    key=idempotency.key,
+                    job_id=job.id,
+                    fingerprint=idempotency.fingerprint,
+                    expires_at=idempotency.expires_at,
+                )
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[idempotency_keys.c.scope, idempotency_keys.c.key],
+                    set_={
+                        "job_id": stmt.excluded.job_id,
+                        "fingerprint": stmt.excluded.fingerprint,
+                        "expires_at": stmt.excluded.expires_at,
+                    },
+                    where=idempotency_keys.c.expires_at <= now,
+                ).returning(idempotency_keys.c.job_id)
+                if connection.execute(stmt).first() is None:
+                    existing = connection.execute(
+                        select(idempotency_keys.c.job_id, idempotency_keys.c.fingerprint).where(
+                            idempotency_keys.c.scope == idempotency.scope,
+                            idempotency_keys.c.key == idempotency.key,
+                        )
+                    ).one()
+                    return EnqueueResult(existing.job_id, False, existing.fingerprint)
+            connection.execute(
+                jobs.insert(),
+                {
+                    "id": job.id,
+                    "task": job.task,
+                    "queue": job.queue,
+                    "priority": job.priority,
+                    "status": "queued",
+                    "payload": job.payload,
+                    "attempts": 0,
+                    "run_at": job.run_at,
+                    "created_at": job.created_at,
+                    "idempotency_key": job.idempotency_key,
+                },
+            )
+        self._wake()
+        return EnqueueResult(job.id, True, idempotency.fingerprint if idempotency else None)
+
+    # -- claim and settle ---------------------------------------------------------------
+
+    def claim(
+        self,
+        worker_id: str,
+        queues: Sequence[str],
+        limit: int,
+        now: float,
+        lease_seconds: float,
+        finished: Sequence[Outcome] = (),
+    ) -> ClaimResult:
+        """Settle ``finished`` attempts, then lease up to ``limit`` due jobs, in one transaction.
+
+        Due jobs are taken highest priority first, then oldest ``run_at``. On PostgreSQL
+        rows locked by a concurrent claim are skipped, not waited for.
+        """
+        claimed: list[ClaimedJob] = []
+        with self._write() as connection:
+            discarded = self._settle(connection, worker_id, finished) if finished else []
+            if limit > 0:
+                due = (
+                    select(jobs.c.id)
+                    .where(
+                        jobs.c.status.in_(CLAIMABLE),
+                        jobs.c.queue.in_(queues),
+                        jobs.c.run_at <= now,
+                    )
+                    .order_by(jobs.c.priority.desc(), jobs.c.run_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+                rows = list(
+                    connection.execute(
+                        update(jobs)
+                        .where(jobs.c.id.in_(due.scalar_subquery()))
+                        .values(
+                            status="running",
+                            attempts=jobs.c.attempts + 1,
+                            lease_owner=worker_id,
+                            lease_expires_at=now + lease_seconds,
+                            started_at=now,
+                        )
+                        .returning(
+                            jobs.c.id,
+                            jobs.c.task,
+                            jobs.c.queue,
+                            jobs.c.payload,
+                            jobs.c.attempts,
+                            jobs.c.priority,
+                            jobs.c.run_at,
+                        )
+                    )
+                )
+                rows.sort(key=lambda row: (-row.priority, row.run_at))
+                claimed = [
+                    ClaimedJob(
+                        row.id, row.task, row.queue, row.payload, row.attempts, now, worker_id
+                    )
+                    for row in rows
+                ]
+        if finished:
+            self._notify_changed()
+        return ClaimResult(claimed, discarded)
+
+    def settle(self, worker_id: str, finished: Sequence[Outcome]) -> list[str]:
+        """Apply the outcomes of finished attempts; return the ids whose lease was gone."""
+        with self._write() as connection:
+            discarded = self._settle(connection, worker_id, finished)
+        self._notify_changed()
+        return discarded
+
+    def _settle(
+        self, connection: Connection, worker_id: str, finished: Sequence[Outcome]
+    ) -> list[str]:
+        # Fencing: an outcome lands only while its attempt still holds the lease. A job
+        # cancelled, or taken over after its lease expired, keeps what happened since.
+        held = {
+            (row.id, row.attempts)
+            for row in connection.execute(
+                select(jobs.c.id, jobs.c.attempts)
+                .where(
+                    jobs.c.id.in_([outcome.job_id for outcome in finished]),
+                    jobs.c.status == "running",
+                    jobs.c.lease_owner == worker_id,
+                )
+                .with_for_update()
+            )
+        }
+        applied = [o for o in finished if (o.job_id, o.attempt) in held]
+        discarded = [o.job_id for o in finished if (o.job_id, o.attempt) not in held]
+        if applied:
+            connection.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == bindparam("b_id"),
+                    jobs.c.attempts == bindparam("b_attempt"),
+                    jobs.c.lease_owner == worker_id,
+                )
+                .values(
+                    status=bindparam("b_status"),
+                    result=bindparam("b_result"),
+                    error=bindparam("b_error"),
+                    run_at=bindparam("b_run_at"),
+                    finished_at=bindparam("b_finished_at"),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                ),
+                [
+                    {
+                        "b_id": o.job_id,
+                        "b_attempt": o.attempt,
+                        "b_status": o.status,
+                        "b_result": o.result,
+                        "b_error": o.error,
+                        "b_run_at": o.run_at if o.run_at is not None else o.finished_at,
+                        "b_finished_at": None if o.status == "queued" else o.finished_at,
+                    }
+                    for o in applied
+                ],
+            )
+            failed_attempts = [
+                {
+                    "job_id": o.job_id,
+                    "attempt": o.attempt,
+                    "worker_id": worker_id,
+                    "outcome": "retry" if o.status == "queued" else "failed",
+                    "started_at": o.started_at,
+                    "finished_at": o.finished_at,
+                    "error": o.error,
+                }
+                for o in applied
+                if o.error is not None
+            ]
+            if failed_attempts:
+                connection.execute(attempts.insert(), failed_attempts)
+        return discarded
+
+    # -- leases -------------------------------------------------------------------------
+
+    def heartbeat(
+        self,
+        worker_id: str,
+        job_ids: Sequence[str],
+        now: float,
+        lease_seconds: float,
+        *,
+        hostname: str,
+        pid: int,
+        queues: Sequence[str],
+        threads: int,
+        started_at: float,
+    ) -> int:
+        """Renew the leases ``worker_id`` holds on ``job_ids``; record the worker alive.
+
+        Returns how many leases were renewed.
+        """
+        with self._write() as connection:
+            renewed = 0
+            if job_ids:
+                renewed = connection.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id.in_(job_ids),
+                        jobs.c.lease_owner == worker_id,
+                        jobs.c.status == "running",
+                    )
+                    .values(lease_expires_at=now + lease_seconds)
+                ).rowcount
+            stmt = self._insert(workers).values(
+                id=worker_id,
+                hostname=hostname,
+                pid=pid,
+                queues=",".join(queues),
+                threads=threads,
+                started_at=started_at,
+                heartbeat_at=now,
+            )
+            connection.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[workers.c.id], set_={"heartbeat_at": stmt.excluded.heartbeat_at}
+                )
+            )
+        return int(renewed)
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._write() as connection:
+            connection.execute(workers.delete().where(workers.c.id == worker_id))
+
+    def recover_expired(self, now: float, limit: int = 500) -> list[str]:
+        """Requeue attempts whose lease expired (their worker died); return their job ids.
+
+        The lost attempt counts against the job's retries and is recorded with a
+        ``WorkerLost`` error.
+        """
+        with self._write() as connection:
+            rows = connection.execute(
+                select(jobs.c.id, jobs.c.attempts, jobs.c.lease_owner, jobs.c.started_at)
+                .where(jobs.c.status == "running", jobs.c.lease_expires_at < now)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return []
+            error = json.dumps(_LOST_ERROR)
+            connection.execute(
+                update(jobs)
+                .where(jobs.c.id == bindparam("b_id"), jobs.c.status == "running")
+                .values(
+                    status="queued",
+                    run_at=now,
+                    error=error,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                ),
+                [{"b_id": row.id} for row in rows],
+            )
+            connection.execute(
+                attempts.insert(),
+                [
+                    {
+                        "job_id": row.id,
+                        "attempt": row.attempts,
+                        "worker_id": row.lease_owner,
+                        "outcome": "lost",
+                        "started_at": row.started_at,
+                        "finished_at": now,
+                        "error": error,
+                    }
+                    for row in rows
+                ],
+            )
+            self._notify_other_processes(connection)
+        self._wake()
+        return [row.id for row in rows]
+
+    def release(self, worker_id: str, held: Sequence[tuple[str, int]], now: float) -> int:
+        """Give back attempts that never ran to completion (graceful shutdown).
+
+        The attempt is not counted: the job is queued again, due at once, for any worker.
+        """
+        if not held:
+            return 0
+        with self._write() as connection:
+            released = connection.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == bindparam("b_id"),
+                    jobs.c.attempts == bindparam("b_attempt"),
+                    jobs.c.lease_owner == worker_id,
+                    jobs.c.status == "running",
+                )
+                .values(
+                    status="queued",
+                    attempts=jobs.c.attempts - 1,
+                    run_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                ),
+                [{"b_id": job_id, "b_attempt": attempt} for job_id, attempt in held],
+            ).rowcount
+            self._notify_other_processes(connection)
+        self._wake()
+        return int(released)
+
+    # -- operator actions -----------------------------------------------------------------
+
+    def cancel(self, job_id: str, now: float) -> bool:
+        """Cancel a job that has not finished; a running attempt's result will be discarded."""
+        with self._write() as connection:
+            changed = connection.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status.not_in(TERMINAL))
+                .values(
+                    status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None
+                )
+            ).rowcount
+        self._notify_changed()
+        return bool(changed)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        with self._read() as connection:
+            row = connection.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return None if row is None else JobRow(**row._asdict())
+
+    def get_status(self, job_id: str) -> str | None:
+        with self._read() as connection:
+            status: str | None = connection.execute(
+                select(jobs.c.status).where(jobs.c.id == job_id)
+            ).scalar()
+        return status
+
+    def get_attempts(self, job_id: str) -> list[AttemptRow]:
+        with self._read() as connection:
+            rows = connection.execute(
+                select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)
+            ).all()
+        return [AttemptRow(**row._asdict()) for row in rows]
+
+    def has_due(self, queues: Sequence[str], now: float) -> bool:
+        """Whether any job of ``queues`` is due; a cheap read before taking the write lock."""
+        with self._read() as connection:
+            found = connection.execute(
+                select(jobs.c.id)
+                .where(
+                    jobs.c.status.in_(CLAIMABLE),
+                    jobs.c.queue.in_(queues),
+                    jobs.c.run_at <= now,
+                )
+                .limit(1)
+            ).first()
+        return found is not None
+
+    def count_by_status(self) -> dict[str, int]:
+        with self._read() as connection:
+            rows = connection.execute(
+                select(jobs.c.status, func.count()).group_by(jobs.c.status)
+            ).all()
+        return {row[0]: int(row[1]) for row in rows}
+
+    def close(self) -> None:
+        self.engine.dispose()

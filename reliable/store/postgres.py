@@ -1,0 +1,65 @@
+"""PostgreSQL specifics: psycopg 3, ``SKIP LOCKED`` claims, LISTEN/NOTIFY wake-ups."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.engine import URL
+
+log = logging.getLogger("reliable.store")
+
+CHANNEL = "reliable_jobs"
+insert = postgresql_insert
+
+
+def make_engine(url: URL, *, pool_size: int) -> Engine:
+    """An engine on the psycopg 3 driver, whatever driver the URL named."""
+    return create_engine(
+        url.set(drivername="postgresql+psycopg"),
+        pool_size=pool_size,
+        max_overflow=pool_size * 2,
+    )
+
+
+class Listener:
+    """A thread that LISTENs on ``CHANNEL`` and calls ``wake`` for each notification.
+
+    The insert trigger created by the migrations notifies on every new job, so idle
+    workers start it within milliseconds. When the connection drops (a database
+    restart), it reconnects with backoff; polling covers the gap.
+    """
+
+    def __init__(self, url: URL, wake: Callable[[], None]) -> None:
+        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._wake = wake
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reliable-listen", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psycopg
+
+        delay = 0.1
+        while not self._stopped.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True) as connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    delay = 0.1
+                    self._wake()
+                    while not self._stopped.is_set():
+                        for _ in connection.notifies(timeout=0.5, stop_after=1):
+                            self._wake()
+            except Exception as exc:  # a dropped connection must not end the thread
+                if self._stopped.is_set():
+                    return
+                log.debug("listener connection lost (%s); reconnecting in %.1fs", exc, delay)
+                self._stopped.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=2)

@@ -1,0 +1,114 @@
+"""Plain records passed between the store and the rest of ``reliable``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to insert; ``payload`` is JSON text."""
+
+    id: str
+    task: str
+    queue: str
+    priority: int
+    payload: str
+    run_at: float
+    created_at: float
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """Reserve ``key`` within ``scope`` until ``expires_at`` for the job being enqueued."""
+
+    scope: str
+    key: str
+    fingerprint: str | None
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """``created`` is false when an unexpired idempotency key already named ``job_id``."""
+
+    job_id: str
+    created: bool
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job leased to a worker for one attempt; ``attempt`` is its fencing token."""
+
+    id: str
+    task: str
+    queue: str
+    payload: str
+    attempt: int
+    started_at: float
+    lease_owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The end of one attempt, applied only while the attempt still holds its lease.
+
+    ``status`` is the job's next status: ``succeeded``, ``failed`` or ``queued`` (a retry
+    at ``run_at``). ``result`` and ``error`` are JSON text.
+    """
+
+    job_id: str
+    attempt: int
+    status: str
+    started_at: float
+    finished_at: float
+    result: str | None = None
+    error: str | None = None
+    run_at: float | None = None
+    task: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A job as stored."""
+
+    id: str
+    task: str
+    queue: str
+    priority: int
+    status: str
+    payload: str
+    result: str | None
+    error: str | None
+    attempts: int
+    run_at: float
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    """An attempt that did not succeed."""
+
+    job_id: str
+    attempt: int
+    worker_id: str | None
+    outcome: str
+    started_at: float | None
+    finished_at: float
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LostJob:
+    """A job whose lease expired: requeued, or failed when its attempts are spent."""
+
+    id: str
+    task: str
+    status: str
