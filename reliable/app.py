@@ -54,7 +54,7 @@ class Reliable:
         self.auto_migrate = auto_migrate
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._store: Store | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._worker: Worker | None = None
         self._inline_worker_id = new_worker_id()
 

@@ -1,0 +1,90 @@
+"""Fixtures: every storage test runs on a real SQLite file and on the real PostgreSQL.
+
+PostgreSQL tests need ``RELIABLE_TEST_POSTGRES_URL`` (``.ci/run`` sets it, e.g.
+``postgresql://postgres@127.0.0.1:5432/reliable_test``; the database is created if
+missing). Without it they are skipped, except under ``CI=true`` where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from reliable import ManualClock, Reliable
+from reliable.store import Store
+from reliable.store.schema import metadata
+
+POSTGRES_ENV = "RELIABLE_TEST_POSTGRES_URL"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _ensure_database(url: str) -> None:
+    parsed = make_url(url).set(drivername="postgresql+psycopg")
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            exists = connection.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": parsed.database}
+            ).first()
+            if not exists:
+                connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        message = (
+            f"PostgreSQL tests need {POSTGRES_ENV}, e.g. "
+            "postgresql://postgres@127.0.0.1:5432/reliable_test (bash .ci/run sets it)"
+        )
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        _ensure_database(url)
+        Store(url, pool_size=1).close()  # bring the schema up to date once
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL at {url} is not usable: {exc}")
+        pytest.skip(f"PostgreSQL at {url} is not usable: {exc}")
+    return url
+
+
+def truncate_postgres(url: str) -> None:
+    engine = create_engine(make_url(url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.begin() as connection:
+            names = ", ".join(table.name for table in metadata.sorted_tables)
+            connection.execute(text(f"TRUNCATE {names}"))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database: a new SQLite file, or the PostgreSQL test database emptied."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    truncate_postgres(url)
+    return url
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def rel(db_url: str, clock: ManualClock) -> Iterator[Reliable]:
+    app = Reliable(db_url, clock=clock, embedded_worker=False)
+    yield app
+    app.close()
