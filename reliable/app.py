@@ -57,6 +57,7 @@ class Reliable:
         self._lock = threading.RLock()
         self._worker: Worker | None = None
         self._inline_worker_id = new_worker_id()
+        self.capture_hook: Callable[[Any], Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Reliable {self.settings.database_url}>"
@@ -104,6 +105,32 @@ class Reliable:
             return task
 
         return decorate if fn is None else decorate(fn)
+
+    def offload(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Offload a route: the request is committed as a job and answered ``202``.
+
+        Place it below the framework's route decorator. Takes the options of ``task``
+        (except ``idempotency_key``) and: ``idempotency`` (``"optional"``: honour the
+        ``Idempotency-Key`` header when sent; ``"required"``; ``"off"``),
+        ``idempotency_scope`` (a function of the request, e.g. the user, that scopes
+        keys per caller), ``capture`` (a function of the request returning JSON that
+        the handler gets back in the worker; default: the hook set by ``capture``).
+        Needs ``ReliableFlask`` or ``ReliableMiddleware`` on the application.
+        """
+        from .web.routes import offload
+
+        if fn is None:
+            return lambda function: offload(self, function, **options)
+        return offload(self, fn, **options)
+
+    def capture(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Set the capture hook of routes that do not pass ``capture=``.
+
+        ``fn(request)`` runs during the request and returns JSON (say, the caller's
+        user id); the worker hands it back as ``current_job().captured``.
+        """
+        self.capture_hook = fn
+        return fn
 
     def register(self, task: Task[Any, Any]) -> None:
         """Add a task to this application; its name must be unused."""

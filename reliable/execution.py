@@ -6,9 +6,11 @@ call ``run_attempt`` and hand its ``Outcome`` back to the store.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import traceback
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import tenacity
@@ -104,11 +106,17 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
         return failure(app, task, job, exc, retry=False)
 
     timeout = timeout_of(app, task)
-    token = _current.set(JobContext(job.id, task.name, job.attempt, job.queue))
+    context = JobContext(job.id, task.name, job.attempt, job.queue)
+    token = _current.set(context)
+    awaited = False
     try:
         payload = loads(job.payload)
+        if isinstance(payload, dict) and payload.get("captured") is not None:
+            context = replace(context, captured=payload["captured"])
+            _current.set(context)
         value = task.invoke(payload)
-        if task.is_async:
+        if inspect.isawaitable(value):
+            awaited = True
             value = run_coroutine(value, timeout)
         if timeout is not None and app.clock.now() - job.started_at > timeout:
             return timed_out(app, job, timeout)
@@ -121,7 +129,7 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
         # Storing the result (or reading the payload) will not work any better next time.
         return failure(app, task, job, exc, retry=False)
     except TimeoutError as exc:
-        if task.is_async and timeout is not None:  # asyncio.wait_for cancelled the attempt
+        if awaited and timeout is not None:  # asyncio.wait_for cancelled the attempt
             return timed_out(app, job, timeout)
         return failure(app, task, job, exc, retry=isinstance(exc, task.options.retry_on))
     except Exception as exc:

@@ -1,0 +1,98 @@
+"""HTTP answers decided by the core: 202 Accepted, problem+json, the job status document."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..jobs import JobInfo
+
+
+@dataclass
+class HttpResponse:
+    """A framework-neutral response; the integrations turn it into their own."""
+
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    @classmethod
+    def json(
+        cls,
+        status: int,
+        document: Any,
+        *,
+        content_type: str = "application/json",
+        headers: list[tuple[str, str]] | None = None,
+    ) -> HttpResponse:
+        body = json.dumps(document, separators=(",", ":"), default=str).encode()
+        return cls(status, [("content-type", content_type), *(headers or [])], body)
+
+
+PROBLEM_TITLES = {
+    400: "Bad Request",
+    404: "Not Found",
+    413: "Content Too Large",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    503: "Service Unavailable",
+}
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    title: str | None = None,
+    headers: list[tuple[str, str]] | None = None,
+    **extra: Any,
+) -> HttpResponse:
+    """An RFC 9457 ``application/problem+json`` response."""
+    document = {
+        "type": "about:blank",
+        "title": title or PROBLEM_TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
+    return HttpResponse.json(
+        status, document, content_type="application/problem+json", headers=headers
+    )
+
+
+def status_url(prefix: str, job_id: str) -> str:
+    return f"{prefix}/jobs/{job_id}"
+
+
+def accepted(job_id: str, prefix: str, *, replayed: bool = False) -> HttpResponse:
+    """``202 Accepted`` pointing at the job's status resource (SPEC §4)."""
+    url = status_url(prefix, job_id)
+    headers = [("location", url), ("retry-after", "1")]
+    if replayed:
+        headers.append(("idempotent-replayed", "true"))
+    return HttpResponse.json(
+        202, {"id": job_id, "status": "queued", "status_url": url}, headers=headers
+    )
+
+
+def _iso(info_time: Any) -> str | None:
+    return None if info_time is None else info_time.isoformat()
+
+
+def status_document(info: JobInfo) -> dict[str, Any]:
+    """The status resource's body: id, task, status, attempts, times, result, error."""
+    error = info.error
+    if error is not None:
+        error = {k: v for k, v in error.items() if k != "traceback"}
+    return {
+        "id": info.id,
+        "task": info.task,
+        "status": info.status,
+        "attempts": info.attempts,
+        "created_at": _iso(info.created_at),
+        "started_at": _iso(info.started_at),
+        "finished_at": _iso(info.finished_at),
+        "result": info.result if info.status == "succeeded" else None,
+        "error": error if info.status == "failed" else None,
+    }

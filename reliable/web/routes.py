@@ -1,0 +1,247 @@
+"""Offloaded routes: ``@rel.offload`` and the job that replays a request in a worker.
+
+The wrapper that ``offload`` returns stands in for the handler: during a request it
+asks the installed framework adapter to snapshot the request, ``admit`` commits the
+job and decides the answer (202, 400, 422), and the adapter turns it into the
+framework's response. In the worker, ``RouteTask.invoke`` hands the snapshot to the same
+adapter, which rebuilds the request, calls the real handler, and returns its response.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import ConfigError, IdempotencyConflict, ReliableError
+from ..serialization import dumps
+from ..tasks import Task, TaskOptions
+from .http import HttpResponse, accepted, problem
+from .idempotency import InvalidIdempotencyKey, parse_idempotency_key, request_fingerprint
+from .snapshot import RequestSnapshot
+
+if TYPE_CHECKING:
+    from ..app import Reliable
+
+IDEMPOTENCY_MODES = ("optional", "required", "off")
+RequestHook = Callable[[Any], Any]
+
+
+class Adapter(Protocol):
+    """What a framework integration provides to offloaded routes."""
+
+    name: str
+
+    def offload(self, route: RouteTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Answer the current request by enqueuing it, or return ``NotImplemented``
+        when no request of this framework is active. May return an awaitable."""
+
+    def run(self, route: RouteTask, snapshot: RequestSnapshot) -> Any:
+        """In the worker: call the handler on the rebuilt request; return an
+        ``HttpResponse`` (or an awaitable of one)."""
+
+
+# Framework name -> adapter, filled when an integration module is imported.
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(adapter: Adapter) -> None:
+    ADAPTERS[adapter.name] = adapter
+
+
+def adapter_for(name: str) -> Adapter:
+    if name not in ADAPTERS:
+        importlib.import_module(f"reliable.integrations.{name}")
+    return ADAPTERS[name]
+
+
+class HandlerFailed(ReliableError):
+    """The handler answered with a 5xx status; the attempt is retried."""
+
+    def __init__(self, response: HttpResponse) -> None:
+        excerpt = response.body[:200].decode("utf-8", "replace")
+        super().__init__(f"the handler answered {response.status}: {excerpt}")
+        self.status = response.status
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """Options of an offloaded route beyond the task options."""
+
+    idempotency: str
+    idempotency_scope: RequestHook | None
+    capture: RequestHook | None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        idempotency: str = "optional",
+        idempotency_scope: RequestHook | None = None,
+        capture: RequestHook | None = None,
+    ) -> RouteOptions:
+        if idempotency not in IDEMPOTENCY_MODES:
+            raise ConfigError(
+                "idempotency",
+                f"expected one of {', '.join(IDEMPOTENCY_MODES)}, got {idempotency!r}",
+            )
+        if idempotency_scope is not None and not callable(idempotency_scope):
+            raise ConfigError("idempotency_scope", "expected a function of the request")
+        if capture is not None and not callable(capture):
+            raise ConfigError("capture", "expected a function of the request returning JSON")
+        return cls(idempotency, idempotency_scope, capture)
+
+
+def result_document(response: HttpResponse) -> dict[str, Any]:
+    """The stored result of a handler: status code, headers and the whole body."""
+    headers: dict[str, str] = {}
+    for name, value in response.headers:
+        headers[name.lower()] = value
+    content_type = headers.get("content-type", "")
+    body: Any
+    try:
+        text = response.body.decode("utf-8")
+        encoding = "text"
+        body = text
+        if "json" in content_type and text:
+            body, encoding = json.loads(text), "json"
+    except (UnicodeDecodeError, ValueError):
+        import base64
+
+        body, encoding = base64.b64encode(response.body).decode("ascii"), "base64"
+    return {
+        "status_code": response.status,
+        "headers": headers,
+        "body": body,
+        "body_encoding": encoding,
+    }
+
+
+class RouteTask(Task[..., Any]):
+    """The task behind an offloaded route; its jobs carry a request snapshot."""
+
+    def __init__(
+        self, app: Reliable, fn: Callable[..., Any], options: TaskOptions, route: RouteOptions
+    ) -> None:
+        super().__init__(app, fn, options)
+        self.route = route
+        self.is_async = False  # the adapter's run() decides; awaitables are awaited
+
+    def invoke(self, payload: dict[str, Any]) -> Any:
+        adapter = adapter_for(payload["framework"])
+        snapshot = RequestSnapshot.from_json(payload["request"])
+        outcome = adapter.run(self, snapshot)
+        if inspect.isawaitable(outcome):
+            return self._finish_later(outcome)
+        return self._finish(outcome)
+
+    async def _finish_later(self, outcome: Awaitable[HttpResponse]) -> dict[str, Any]:
+        return self._finish(await outcome)
+
+    def _finish(self, response: HttpResponse) -> dict[str, Any]:
+        if response.status >= 500:
+            raise HandlerFailed(response)
+        return result_document(response)
+
+
+def offload(app: Reliable, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """Build the stand-in for ``fn``; see ``Reliable.offload``."""
+    route_options = RouteOptions.build(
+        idempotency=options.pop("idempotency", "optional"),
+        idempotency_scope=options.pop("idempotency_scope", None),
+        capture=options.pop("capture", None),
+    )
+    if "idempotency_key" in options:
+        raise ConfigError(
+            "idempotency_key", "routes take the Idempotency-Key header; use idempotency="
+        )
+    route = RouteTask(app, fn, TaskOptions.build(fn, **options), route_options)
+    app.register(route)
+
+    def answer(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        for adapter in list(ADAPTERS.values()):
+            response = adapter.offload(route, args, kwargs)
+            if response is not NotImplemented:
+                return response
+        raise ReliableError(
+            f"{route.name} was called outside a request handled by reliable: install "
+            "ReliableFlask(app, rel) or Middleware(ReliableMiddleware, reliable=rel)"
+        )
+
+    wrapper: Callable[..., Any]
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def async_view(*args: Any, **kwargs: Any) -> Any:
+            return await answer(args, kwargs)
+
+        wrapper = async_view
+    else:
+
+        @functools.wraps(fn)
+        def view(*args: Any, **kwargs: Any) -> Any:
+            return answer(args, kwargs)
+
+        wrapper = view
+    setattr(wrapper, "reliable_route", route)  # noqa: B010 - found by the integrations
+    return wrapper
+
+
+def admit(
+    app: Reliable,
+    route: RouteTask,
+    snapshot: RequestSnapshot,
+    *,
+    framework: str,
+    captured: Any = None,
+    scope: str | None = None,
+) -> HttpResponse:
+    """Check, snapshot and commit one request; decide the answer (SPEC §4).
+
+    ``snapshot`` still carries every header; credentials are dropped here, before
+    anything is written. ``scope`` is the caller's idempotency scope value, if any.
+    """
+    key = None
+    raw_key = snapshot.header("idempotency-key")
+    if route.route.idempotency != "off":
+        if raw_key is None:
+            if route.route.idempotency == "required":
+                return problem(400, "this endpoint requires an Idempotency-Key header")
+        else:
+            try:
+                key = parse_idempotency_key(raw_key)
+            except InvalidIdempotencyKey as exc:
+                return problem(400, str(exc))
+    payload = dumps(
+        {
+            "framework": framework,
+            "request": snapshot.redacted(app.settings.redact_headers).to_json(),
+            "captured": captured,
+        }
+    )
+    fingerprint = None
+    idempotency_scope = None
+    if key is not None:
+        fingerprint = request_fingerprint(
+            snapshot.method, snapshot.path, snapshot.query_string, snapshot.body
+        )
+        idempotency_scope = f"route:{route.name}"
+        if scope is not None:
+            idempotency_scope = f"{idempotency_scope}:{scope}"
+    try:
+        handle = app.enqueue_payload(
+            route,
+            payload,
+            idempotency_key=key,
+            idempotency_scope=idempotency_scope,
+            fingerprint=fingerprint,
+        )
+    except IdempotencyConflict:
+        return problem(
+            422, "this Idempotency-Key was already used with a different request", key=key
+        )
+    return accepted(handle.id, app.settings.url_prefix, replayed=not handle.created)
