@@ -61,6 +61,11 @@ def problem(
     )
 
 
+def too_large(limit: int) -> HttpResponse:
+    """413: the body is larger than ``RELIABLE_MAX_PAYLOAD``; nothing was stored."""
+    return problem(413, f"the request body is larger than {limit} bytes")
+
+
 def status_url(prefix: str, job_id: str) -> str:
     return f"{prefix}/jobs/{job_id}"
 

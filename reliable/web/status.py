@@ -1,0 +1,83 @@
+"""The status resource ``{prefix}/jobs/<id>``: GET (with ``?wait=N``) and DELETE."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import JobNotFound
+from ..jobs import JobInfo
+from .http import HttpResponse, problem, status_document
+
+if TYPE_CHECKING:
+    from ..app import Reliable
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_WAIT_SECONDS = 60.0
+
+
+def not_found(job_id: str) -> HttpResponse:
+    return problem(404, f"no job with id {job_id!r}")
+
+
+def parse_wait(raw: str | None) -> float | HttpResponse:
+    """``?wait=N`` as seconds (capped at 60), or a 400 problem for a bad value."""
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return problem(400, f"wait must be a number of seconds, got {raw!r}")
+    if not seconds >= 0:
+        return problem(400, f"wait must be >= 0, got {raw!r}")
+    return min(seconds, MAX_WAIT_SECONDS)
+
+
+def _lookup(app: Reliable, job_id: str) -> JobInfo | None:
+    if not JOB_ID.match(job_id):
+        return None
+    try:
+        return app.get_job(job_id)
+    except JobNotFound:
+        return None
+
+
+def job_status(app: Reliable, job_id: str, wait: float = 0.0) -> HttpResponse:
+    """The job's status document, after waiting up to ``wait`` s for a terminal state."""
+    info = _lookup(app, job_id)
+    if info is None:
+        return not_found(job_id)
+    if wait > 0 and not info.finished:
+        deadline = time.monotonic() + wait
+        pause = 0.01
+        while not info.finished and (remaining := deadline - time.monotonic()) > 0:
+            app.store.wait_for_change(min(pause, remaining))
+            pause = min(pause * 2, 0.25)
+            info = app.get_job(job_id)
+    return HttpResponse.json(200, status_document(info))
+
+
+async def job_status_async(app: Reliable, job_id: str, wait: float = 0.0) -> HttpResponse:
+    """``job_status`` for event loops: the database is read in a thread, waits are async."""
+    info = await asyncio.to_thread(_lookup, app, job_id)
+    if info is None:
+        return not_found(job_id)
+    deadline = time.monotonic() + wait
+    pause = 0.01
+    while not info.finished and (remaining := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.25)
+        info = await asyncio.to_thread(app.get_job, job_id)
+    return HttpResponse.json(200, status_document(info))
+
+
+def cancel_job(app: Reliable, job_id: str) -> HttpResponse:
+    """DELETE: cancel a job that has not finished; 409 if it already had."""
+    info = _lookup(app, job_id)
+    if info is None:
+        return not_found(job_id)
+    if not app.cancel(job_id):
+        return problem(409, f"job {job_id} has already finished ({info.status})", title="Conflict")
+    return HttpResponse.json(200, status_document(app.get_job(job_id)))
