@@ -266,7 +266,12 @@ class Reliable:
         ran = 0
         while True:
             claimed = self.store.claim(
-                worker_id, queues or self.queues(), 1, self.clock.now(), self.settings.lease_seconds
+                worker_id,
+                queues or self.queues(),
+                1,
+                self.clock.now(),
+                self.settings.lease_seconds,
+                tasks=list(self.tasks),
             )
             if not claimed.jobs:
                 return ran

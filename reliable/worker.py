@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -32,10 +32,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("reliable.worker")
 
 
+# Short jobs are claimed ahead of idle threads, so one transaction serves many of them.
+PREFETCH_PER_THREAD = 8
+SHORT_JOB_SECONDS = 0.05
+
+
 @dataclass
 class _Running:
     job: ClaimedJob
-    deadline: float | None  # time.monotonic() after which the attempt is abandoned
+    timeout: float | None
+    started: float | None = None  # time.monotonic() when a thread began the attempt
+
+    @property
+    def deadline(self) -> float | None:
+        if self.timeout is None or self.started is None:
+            return None
+        return self.started + self.timeout
 
 
 def new_worker_id() -> str:
@@ -65,7 +77,9 @@ class Worker:
         self._abandoned: set[tuple[str, int]] = set()
         self._work: queue.SimpleQueue[ClaimedJob | Callable[[], None] | None] = queue.SimpleQueue()
         self._wanted = True  # there may be due jobs: claim when a thread is idle
+        self._wakes = 0  # counts wake() calls, so a claim cannot swallow a newer one
         self._next_due: float | None = None  # monotonic time of a retry this worker scheduled
+        self._average_runtime = 1.0  # seconds per attempt, a moving average
         self._stopping = False
         self._grace_deadline = 0.0
         self._dispatcher: threading.Thread | None = None
@@ -123,6 +137,7 @@ class Worker:
         """Tell the dispatcher that new jobs may be due."""
         with self._cond:
             self._wanted = True
+            self._wakes += 1
             self._cond.notify_all()
 
     # -- executor threads ---------------------------------------------------------------
@@ -142,6 +157,12 @@ class Worker:
             if not isinstance(item, ClaimedJob):
                 item()
                 continue
+            with self._cond:
+                running = self._running.get(item.id)
+                if running is None or running.job.attempt != item.attempt:
+                    continue  # released before it started
+                running.started = began = time.monotonic()
+            item = replace(item, started_at=self.app.clock.now())
             try:
                 outcome = run_attempt(self.app, item)
             except BaseException as exc:
@@ -155,6 +176,7 @@ class Worker:
                     return
                 self._running.pop(item.id, None)
                 self._finished.append(outcome)
+                self._average_runtime += 0.1 * (time.monotonic() - began - self._average_runtime)
                 self._cond.notify_all()
 
     # -- the dispatcher -------------------------------------------------------------------
@@ -175,7 +197,7 @@ class Worker:
                         break
                     if self._finished:
                         break
-                    idle = not self._stopping and len(self._running) < self.threads
+                    idle = not self._stopping and len(self._running) < self._capacity()
                     if idle and (self._wanted or now >= next_poll):
                         break
                     if idle and self._next_due is not None and now >= self._next_due:
@@ -202,18 +224,27 @@ class Worker:
                     return
                 finished, self._finished = self._finished, []
                 finished.extend(self._expire_deadlines(now))
+                unstarted: list[tuple[str, int]] = []
+                if self._stopping:
+                    # Claimed ahead but not begun: give them back now, not after the grace.
+                    for job_id, running in list(self._running.items()):
+                        if running.started is None:
+                            del self._running[job_id]
+                            unstarted.append((job_id, running.job.attempt))
                 wanted = 0
                 if not self._stopping and (
                     self._wanted
                     or now >= next_poll
                     or (self._next_due is not None and now >= self._next_due)
                 ):
-                    wanted = self.threads - len(self._running)
+                    wanted = self._capacity() - len(self._running)
                     if now >= next_poll:
                         next_poll = now + settings.poll_interval
                     if self._next_due is not None and now >= self._next_due:
                         self._next_due = None
             try:
+                if unstarted:
+                    self.store.release(self.id, unstarted, self.app.clock.now())
                 if finished or wanted > 0:
                     self._claim(finished, wanted)
                 now = time.monotonic()
@@ -235,6 +266,8 @@ class Worker:
                     self._cond.wait(pause)
 
     def _claim(self, finished: list[Outcome], wanted: int) -> None:
+        with self._cond:
+            wakes = self._wakes
         result = self.store.claim(
             self.id,
             self.queues,
@@ -242,6 +275,7 @@ class Worker:
             self.app.clock.now(),
             self.app.settings.lease_seconds,
             finished,
+            tasks=list(self.app.tasks),
         )
         discarded = set(result.discarded)
         for outcome in finished:
@@ -257,22 +291,30 @@ class Worker:
                     if self._next_due is None or due < self._next_due:
                         self._next_due = due
         with self._cond:
-            if wanted > 0:
-                # A full batch suggests more are due; otherwise wait to be woken.
-                self._wanted = len(result.jobs) >= wanted
+            if wanted > 0 and len(result.jobs) < wanted and self._wakes == wakes:
+                # Fewer due than asked for, and nothing new since: wait to be woken.
+                self._wanted = False
+            elif wanted > 0:
+                self._wanted = True  # a full batch: more may be due
             for job in result.jobs:
                 task = self.app.tasks.get(job.task)
                 timeout = timeout_of(self.app, task) if task is not None else None
-                deadline = None if timeout is None else time.monotonic() + timeout
-                self._running[job.id] = _Running(job, deadline)
+                self._running[job.id] = _Running(job, timeout)
         for job in result.jobs:
             self._work.put(job)
+
+    def _capacity(self) -> int:
+        """How many attempts to hold at once: the threads, plus a queue of short jobs."""
+        if self._average_runtime < SHORT_JOB_SECONDS:
+            return self.threads * PREFETCH_PER_THREAD
+        return self.threads
 
     def _expire_deadlines(self, now: float) -> list[Outcome]:
         """Abandon attempts past their timeout (called with the lock held)."""
         expired: list[Outcome] = []
         for job_id, running in list(self._running.items()):
-            if running.deadline is not None and now >= running.deadline:
+            deadline = running.deadline
+            if deadline is not None and now >= deadline:
                 job = running.job
                 del self._running[job_id]
                 self._abandoned.add((job.id, job.attempt))
@@ -303,6 +345,7 @@ class Worker:
         """Release what still runs after the grace period; settle what finished."""
         finished, self._finished = self._finished, []
         leftovers = [(r.job.id, r.job.attempt) for r in self._running.values()]
+        # Threads that pick up a job after this see it gone and skip it.
         self._abandoned.update(leftovers)
         self._running.clear()
         try:

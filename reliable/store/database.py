@@ -218,11 +218,13 @@ class Store:
         now: float,
         lease_seconds: float,
         finished: Sequence[Outcome] = (),
+        tasks: Sequence[str] | None = None,
     ) -> ClaimResult:
         """Settle ``finished`` attempts, then lease up to ``limit`` due jobs, in one transaction.
 
-        Due jobs are taken highest priority first, then oldest ``run_at``. On PostgreSQL
-        rows locked by a concurrent claim are skipped, not waited for.
+        Due jobs are taken highest priority first, then oldest ``run_at``; with
+        ``tasks``, only jobs of those tasks (the ones this worker can run). On
+        PostgreSQL rows locked by a concurrent claim are skipped, not waited for.
         """
         claimed: list[ClaimedJob] = []
         with self._write() as connection:
@@ -234,6 +236,7 @@ class Store:
                         jobs.c.status.in_(CLAIMABLE),
                         jobs.c.queue.in_(queues),
                         jobs.c.run_at <= now,
+                        *([jobs.c.task.in_(tasks)] if tasks is not None else []),
                     )
                     .order_by(jobs.c.priority.desc(), jobs.c.run_at)
                     .limit(limit)
