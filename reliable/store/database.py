@@ -29,7 +29,7 @@ from .records import (
     NewJob,
     Outcome,
 )
-from .schema import CLAIMABLE, attempts, idempotency_keys, jobs, workers
+from .schema import IS_CLAIMABLE, IS_RUNNING, attempts, idempotency_keys, jobs, workers
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -233,7 +233,7 @@ class Store:
                 due = (
                     select(jobs.c.id)
                     .where(
-                        jobs.c.status.in_(CLAIMABLE),
+                        IS_CLAIMABLE,
                         jobs.c.queue.in_(queues),
                         jobs.c.run_at <= now,
                         *([jobs.c.task.in_(tasks)] if tasks is not None else []),
@@ -293,7 +293,7 @@ class Store:
                 select(jobs.c.id, jobs.c.attempts)
                 .where(
                     jobs.c.id.in_([outcome.job_id for outcome in finished]),
-                    jobs.c.status == "running",
+                    IS_RUNNING,
                     jobs.c.lease_owner == worker_id,
                 )
                 .with_for_update()
@@ -375,7 +375,7 @@ class Store:
                     .where(
                         jobs.c.id.in_(job_ids),
                         jobs.c.lease_owner == worker_id,
-                        jobs.c.status == "running",
+                        IS_RUNNING,
                     )
                     .values(lease_expires_at=now + lease_seconds)
                 ).rowcount
@@ -408,7 +408,7 @@ class Store:
         with self._write() as connection:
             rows = connection.execute(
                 select(jobs.c.id, jobs.c.attempts, jobs.c.lease_owner, jobs.c.started_at)
-                .where(jobs.c.status == "running", jobs.c.lease_expires_at < now)
+                .where(IS_RUNNING, jobs.c.lease_expires_at < now)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             ).all()
@@ -417,7 +417,7 @@ class Store:
             error = json.dumps(_LOST_ERROR)
             connection.execute(
                 update(jobs)
-                .where(jobs.c.id == bindparam("b_id"), jobs.c.status == "running")
+                .where(jobs.c.id == bindparam("b_id"), IS_RUNNING)
                 .values(
                     status="queued",
                     run_at=now,
@@ -460,7 +460,7 @@ class Store:
                     jobs.c.id == bindparam("b_id"),
                     jobs.c.attempts == bindparam("b_attempt"),
                     jobs.c.lease_owner == worker_id,
-                    jobs.c.status == "running",
+                    IS_RUNNING,
                 )
                 .values(
                     status="queued",
@@ -517,7 +517,7 @@ class Store:
             found = connection.execute(
                 select(jobs.c.id)
                 .where(
-                    jobs.c.status.in_(CLAIMABLE),
+                    IS_CLAIMABLE,
                     jobs.c.queue.in_(queues),
                     jobs.c.run_at <= now,
                 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     Column,
+    ColumnElement,
     Double,
     Index,
     Integer,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    literal_column,
     text,
 )
 
@@ -108,3 +110,10 @@ workers = Table(
     Column("started_at", Double, nullable=False),
     Column("heartbeat_at", Double, nullable=False),
 )
+
+# Conditions written with literal values, not bound parameters, so that SQLite and
+# PostgreSQL (also with prepared, generic plans) can prove they match the partial indexes.
+IS_CLAIMABLE: ColumnElement[bool] = jobs.c.status.in_(
+    [literal_column(f"'{status}'") for status in CLAIMABLE]
+)
+IS_RUNNING: ColumnElement[bool] = jobs.c.status == literal_column("'running'")

@@ -43,10 +43,9 @@ def make_engine(url: URL, *, synchronous: str, pool_size: int) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
-        if connection.get_execution_options().get("reliable_read"):
-            connection.exec_driver_sql("BEGIN")
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Straight to the driver: this runs for every transaction, on the hot paths.
+        read = connection.get_execution_options().get("reliable_read")
+        connection.connection.driver_connection.execute("BEGIN" if read else "BEGIN IMMEDIATE")
 
     return engine
 
