@@ -13,6 +13,7 @@ from .clock import Clock, SystemClock
 from .errors import ConfigError, IdempotencyConflict, JobNotFound
 from .execution import after_failure, run_attempt
 from .jobs import AttemptInfo, JobHandle, JobInfo
+from .limits import FlowPlan
 from .serialization import dumps
 from .settings import Settings
 from .store import IdempotencyClaim, NewJob, Store
@@ -143,6 +144,10 @@ class Reliable:
             )
         self.tasks[task.name] = task
 
+    def limited_at_claim(self) -> bool:
+        """Whether any task here has a concurrency cap or a throttle (checked at claim)."""
+        return any(task.options.flow.limited_at_claim for task in self.tasks.values())
+
     def queues(self) -> list[str]:
         """Every queue a registered task uses (and ``default``)."""
         return sorted({DEFAULT_QUEUE, *(task.options.queue for task in self.tasks.values())})
@@ -155,9 +160,10 @@ class Reliable:
         args: list[Any],
         kwargs: dict[str, Any],
         idempotency_key: str | None,
+        flow: FlowPlan,
     ) -> JobHandle[Any]:
         payload = dumps({"args": args, "kwargs": kwargs})
-        return self.enqueue_payload(task, payload, idempotency_key=idempotency_key)
+        return self.enqueue_payload(task, payload, idempotency_key=idempotency_key, flow=flow)
 
     def enqueue_payload(
         self,
@@ -167,12 +173,16 @@ class Reliable:
         idempotency_key: str | None = None,
         idempotency_scope: str | None = None,
         fingerprint: str | None = None,
+        flow: FlowPlan | None = None,
     ) -> JobHandle[Any]:
         """Commit a job of ``task`` with an already-encoded JSON ``payload``.
 
         ``idempotency_scope`` defaults to the task; ``fingerprint`` (default: a hash of
-        the payload) tells a replay from a conflicting reuse of the key.
+        the payload) tells a replay from a conflicting reuse of the key. ``flow`` is the
+        job's flow control with its keys resolved. Raises ``RateLimited`` when a rate
+        limit refuses the job (nothing is stored).
         """
+        flow = flow or FlowPlan()
         now = self.clock.now()
         job = NewJob(
             id=uuid.uuid4().hex,
@@ -183,6 +193,10 @@ class Reliable:
             run_at=now,
             created_at=now,
             idempotency_key=idempotency_key,
+            limits=flow.limits,
+            scopes=flow.scopes,
+            rate_limits=flow.rate_limits,
+            debounce=flow.debounce,
         )
         claim = None
         if idempotency_key is not None:
@@ -201,9 +215,9 @@ class Reliable:
                 expires_at=now + self.settings.idempotency_ttl,
             )
         result = self.store.enqueue(job, claim, now)
-        if not result.created and result.fingerprint != fingerprint:
+        if claim is not None and not result.created and result.fingerprint != fingerprint:
             raise IdempotencyConflict(idempotency_key or "", result.job_id)
-        return JobHandle(self, result.job_id, created=result.created)
+        return JobHandle(self, result.job_id, created=result.created, rates=result.rates)
 
     def get_job(self, job_id: str) -> JobInfo:
         """A snapshot of the job; raises ``JobNotFound``."""
@@ -272,6 +286,7 @@ class Reliable:
                 self.clock.now(),
                 self.settings.lease_seconds,
                 tasks=list(self.tasks),
+                limited=self.limited_at_claim(),
             )
             if not claimed.jobs:
                 return ran

@@ -68,11 +68,15 @@ class JobTimeout(ReliableError, TimeoutError):
 
 
 class RateLimited(ReliableError):
-    """An enqueue was refused by a rate limit; try again after ``retry_after`` seconds."""
+    """An enqueue was refused by a rate limit; try again after ``retry_after`` seconds.
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    ``state`` describes the limit (scope, limit, period) for ``RateLimit`` headers.
+    """
+
+    def __init__(self, message: str, retry_after: float, *, state: object = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.state = state
 
 
 class IdempotencyConflict(ReliableError):

@@ -106,7 +106,8 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
         return failure(app, task, job, exc, retry=False)
 
     timeout = timeout_of(app, task)
-    context = JobContext(job.id, task.name, job.attempt, job.queue)
+    keys = json.loads(job.limits).get("keys", {}) if job.limits else {}
+    context = JobContext(job.id, task.name, job.attempt, job.queue, keys)
     token = _current.set(context)
     awaited = False
     try:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from .errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
 from .serialization import loads
 from .store import AttemptRow, JobRow
+from .store.records import RateState
 
 if TYPE_CHECKING:
     from .app import Reliable
@@ -96,13 +97,23 @@ class JobInfo:
 class JobHandle(Generic[R]):
     """A reference to a committed job: its ``id``, its ``status()``, its ``result()``.
 
-    ``created`` is false when an idempotency key matched an existing job.
+    ``created`` is false when an idempotency key matched an existing job, or a
+    debounced call joined the pending one. ``rates`` is the state of the task's rate
+    limits after admitting the job.
     """
 
-    def __init__(self, app: Reliable, job_id: str, *, created: bool = True) -> None:
+    def __init__(
+        self,
+        app: Reliable,
+        job_id: str,
+        *,
+        created: bool = True,
+        rates: tuple[RateState, ...] = (),
+    ) -> None:
         self.app = app
         self.id = job_id
         self.created = created
+        self.rates = rates
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.id}>"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import tenacity
 
 from .durations import Duration, parse_duration
 from .errors import ConfigError
+from .limits import FlowOptions, plan, resolve_call_key
 
 if TYPE_CHECKING:
     from .app import Reliable
@@ -25,6 +26,7 @@ IdempotencyKeyFunction = Callable[..., str]
 FailureHook = Callable[["JobInfo"], object]
 
 DEFAULT_QUEUE = "default"
+FLOW_OPTIONS = frozenset({"concurrency", "rate_limit", "throttle", "debounce", "key", "max_wait"})
 
 
 def default_backoff() -> Wait:
@@ -45,6 +47,7 @@ class TaskOptions:
     priority: int
     idempotency_key: IdempotencyKeyFunction | None
     on_failure: FailureHook | None
+    flow: FlowOptions = field(default_factory=FlowOptions)
 
     @classmethod
     def build(
@@ -60,8 +63,17 @@ class TaskOptions:
         priority: int = 0,
         idempotency_key: IdempotencyKeyFunction | None = None,
         on_failure: FailureHook | None = None,
+        route: bool = False,
+        **flow: Any,
     ) -> TaskOptions:
-        """Check every option now, so a bad one fails at import, not at the first job."""
+        """Check every option now, so a bad one fails at import, not at the first job.
+
+        ``flow`` holds ``concurrency``, ``rate_limit``, ``throttle``, ``debounce``,
+        ``key`` and ``max_wait`` (see ``reliable.limits``).
+        """
+        unknown = set(flow) - FLOW_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown task option {sorted(unknown)[0]!r}")
         name = fn.__name__ if name is None else name
         if not isinstance(name, str) or not name or len(name) > 200:
             raise ConfigError("name", f"a task name is 1 to 200 characters, got {name!r}")
@@ -94,6 +106,7 @@ class TaskOptions:
             priority=priority,
             idempotency_key=idempotency_key,
             on_failure=on_failure,
+            flow=FlowOptions.build(fn, route=route, **flow),
         )
 
 
@@ -135,7 +148,12 @@ class Task(Generic[P, R]):
         """
         if idempotency_key is None and self.options.idempotency_key is not None:
             idempotency_key = str(self.options.idempotency_key(*args, **kwargs))
-        return self.app._enqueue_call(self, list(args), kwargs, idempotency_key)
+        flow = plan(
+            self.name,
+            self.options.flow,
+            lambda key, option: resolve_call_key(key, option, self.fn, args, kwargs),
+        )
+        return self.app._enqueue_call(self, list(args), kwargs, idempotency_key, flow)
 
     def invoke(self, payload: dict[str, Any]) -> Any:
         """Run the function with a stored payload; a coroutine for ``async def`` tasks."""

@@ -254,6 +254,8 @@ class Worker:
                 if now >= next_recovery:
                     if self.store.recover_expired(self.app.clock.now()):
                         self.wake()
+                    if self.app.limited_at_claim() and self.store.sweep_parked():
+                        self.wake()
                     next_recovery = now + lease / 2 * random.uniform(0.75, 1.25)
                 failures = 0
             except StoreError as exc:
@@ -276,6 +278,7 @@ class Worker:
             self.app.settings.lease_seconds,
             finished,
             tasks=list(self.app.tasks),
+            limited=self.app.limited_at_claim(),
         )
         discarded = set(result.discarded)
         for outcome in finished:

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..errors import ConfigError, StoreError
-from . import postgres, sqlite
+from . import flow, postgres, sqlite
 from .migrate import ensure_schema
 from .records import (
     AttemptRow,
@@ -29,7 +29,7 @@ from .records import (
     NewJob,
     Outcome,
 )
-from .schema import IS_CLAIMABLE, IS_RUNNING, attempts, idempotency_keys, jobs, workers
+from .schema import IS_DUE, IS_RUNNING, attempts, idempotency_keys, jobs, workers
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -190,6 +190,11 @@ class Store:
                         )
                     ).one()
                     return EnqueueResult(existing.job_id, False, existing.fingerprint)
+            rates = flow.admit_rates(connection, self._insert, job, now)
+            if job.debounce is not None:
+                pending = flow.collapse(connection, self._insert, job, job.debounce, now)
+                if pending is not None:
+                    return EnqueueResult(pending, False, None, rates)
             connection.execute(
                 jobs.insert(),
                 {
@@ -200,13 +205,16 @@ class Store:
                     "status": "queued",
                     "payload": job.payload,
                     "attempts": 0,
-                    "run_at": job.run_at,
+                    "run_at": job.run_at + (job.debounce.window if job.debounce else 0.0),
                     "created_at": job.created_at,
                     "idempotency_key": job.idempotency_key,
+                    "limits": job.limits,
                 },
             )
+            flow.insert_scopes(connection, job)
         self._wake()
-        return EnqueueResult(job.id, True, idempotency.fingerprint if idempotency else None)
+        fingerprint = idempotency.fingerprint if idempotency else None
+        return EnqueueResult(job.id, True, fingerprint, rates)
 
     # -- claim and settle ---------------------------------------------------------------
 
@@ -219,12 +227,15 @@ class Store:
         lease_seconds: float,
         finished: Sequence[Outcome] = (),
         tasks: Sequence[str] | None = None,
+        limited: bool = True,
     ) -> ClaimResult:
         """Settle ``finished`` attempts, then lease up to ``limit`` due jobs, in one transaction.
 
         Due jobs are taken highest priority first, then oldest ``run_at``; with
         ``tasks``, only jobs of those tasks (the ones this worker can run). On
         PostgreSQL rows locked by a concurrent claim are skipped, not waited for.
+        ``limited=False`` promises no due job has a concurrency cap or a throttle, so
+        the claim is a single statement.
         """
         claimed: list[ClaimedJob] = []
         with self._write() as connection:
@@ -233,7 +244,7 @@ class Store:
                 due = (
                     select(jobs.c.id)
                     .where(
-                        IS_CLAIMABLE,
+                        IS_DUE,
                         jobs.c.queue.in_(queues),
                         jobs.c.run_at <= now,
                         *([jobs.c.task.in_(tasks)] if tasks is not None else []),
@@ -242,10 +253,25 @@ class Store:
                     .limit(limit)
                     .with_for_update(skip_locked=True)
                 )
+                holding: list[str] = []
+                full: list[str] = []
+                chosen: Any = due.scalar_subquery()
+                if limited:
+                    candidates = connection.execute(due.add_columns(jobs.c.limits)).all()
+                    decision = flow.admit_limited(
+                        connection,
+                        self.dialect,
+                        self._insert,
+                        [(r.id, json.loads(r.limits)) for r in candidates if r.limits],
+                        now,
+                    )
+                    chosen = [r.id for r in candidates if not r.limits] + decision.granted
+                    holding = decision.holding_slots
+                    full = decision.parked_scopes
                 rows = list(
                     connection.execute(
                         update(jobs)
-                        .where(jobs.c.id.in_(due.scalar_subquery()))
+                        .where(jobs.c.id.in_(chosen))
                         .values(
                             status="running",
                             attempts=jobs.c.attempts + 1,
@@ -261,13 +287,27 @@ class Store:
                             jobs.c.attempts,
                             jobs.c.priority,
                             jobs.c.run_at,
+                            jobs.c.limits,
                         )
                     )
                 )
+                if holding:
+                    connection.execute(
+                        update(jobs).where(jobs.c.id.in_(holding)).values(slots_held=1)
+                    )
+                for scope in full:
+                    flow.park(connection, scope)
                 rows.sort(key=lambda row: (-row.priority, row.run_at))
                 claimed = [
                     ClaimedJob(
-                        row.id, row.task, row.queue, row.payload, row.attempts, now, worker_id
+                        row.id,
+                        row.task,
+                        row.queue,
+                        row.payload,
+                        row.attempts,
+                        now,
+                        worker_id,
+                        row.limits,
                     )
                     for row in rows
                 ]
@@ -288,9 +328,9 @@ class Store:
         # Fencing: an outcome lands only while its attempt still holds the lease. A job
         # cancelled, or taken over after its lease expired, keeps what happened since.
         held = {
-            (row.id, row.attempts)
+            (row.id, row.attempts): row
             for row in connection.execute(
-                select(jobs.c.id, jobs.c.attempts)
+                select(jobs.c.id, jobs.c.attempts, jobs.c.limits, jobs.c.slots_held)
                 .where(
                     jobs.c.id.in_([outcome.job_id for outcome in finished]),
                     IS_RUNNING,
@@ -317,6 +357,7 @@ class Store:
                     finished_at=bindparam("b_finished_at"),
                     lease_owner=None,
                     lease_expires_at=None,
+                    slots_held=0,
                 ),
                 [
                     {
@@ -346,6 +387,16 @@ class Store:
             ]
             if failed_attempts:
                 connection.execute(attempts.insert(), failed_attempts)
+            rows = [held[(o.job_id, o.attempt)] for o in applied]
+            flow.release_slots(connection, [r.limits for r in rows if r.slots_held])
+            flow.forget_scopes(
+                connection,
+                [
+                    o.job_id
+                    for o, r in zip(applied, rows, strict=True)
+                    if r.limits and o.status != "queued"
+                ],
+            )
         return discarded
 
     # -- leases -------------------------------------------------------------------------
@@ -407,7 +458,14 @@ class Store:
         """
         with self._write() as connection:
             rows = connection.execute(
-                select(jobs.c.id, jobs.c.attempts, jobs.c.lease_owner, jobs.c.started_at)
+                select(
+                    jobs.c.id,
+                    jobs.c.attempts,
+                    jobs.c.lease_owner,
+                    jobs.c.started_at,
+                    jobs.c.limits,
+                    jobs.c.slots_held,
+                )
                 .where(IS_RUNNING, jobs.c.lease_expires_at < now)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -424,9 +482,11 @@ class Store:
                     error=error,
                     lease_owner=None,
                     lease_expires_at=None,
+                    slots_held=0,
                 ),
                 [{"b_id": row.id} for row in rows],
             )
+            flow.release_slots(connection, [row.limits for row in rows if row.slots_held])
             connection.execute(
                 attempts.insert(),
                 [
@@ -454,23 +514,31 @@ class Store:
         if not held:
             return 0
         with self._write() as connection:
-            released = connection.execute(
-                update(jobs)
-                .where(
-                    jobs.c.id == bindparam("b_id"),
-                    jobs.c.attempts == bindparam("b_attempt"),
-                    jobs.c.lease_owner == worker_id,
-                    IS_RUNNING,
+            attempts_of = dict(held)
+            rows = [
+                row
+                for row in connection.execute(
+                    select(jobs.c.id, jobs.c.attempts, jobs.c.limits, jobs.c.slots_held)
+                    .where(jobs.c.id.in_(attempts_of), jobs.c.lease_owner == worker_id, IS_RUNNING)
+                    .with_for_update()
                 )
-                .values(
-                    status="queued",
-                    attempts=jobs.c.attempts - 1,
-                    run_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                ),
-                [{"b_id": job_id, "b_attempt": attempt} for job_id, attempt in held],
-            ).rowcount
+                if attempts_of[row.id] == row.attempts
+            ]
+            if rows:
+                connection.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_([row.id for row in rows]))
+                    .values(
+                        status="queued",
+                        attempts=jobs.c.attempts - 1,
+                        run_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        slots_held=0,
+                    )
+                )
+                flow.release_slots(connection, [row.limits for row in rows if row.slots_held])
+            released = len(rows)
             self._notify_other_processes(connection)
         self._wake()
         return int(released)
@@ -480,15 +548,31 @@ class Store:
     def cancel(self, job_id: str, now: float) -> bool:
         """Cancel a job that has not finished; a running attempt's result will be discarded."""
         with self._write() as connection:
-            changed = connection.execute(
+            row = connection.execute(
+                select(jobs.c.status, jobs.c.limits, jobs.c.slots_held)
+                .where(jobs.c.id == job_id)
+                .with_for_update()
+            ).first()
+            if row is None or row.status in TERMINAL:
+                return False
+            connection.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status.not_in(TERMINAL))
+                .where(jobs.c.id == job_id)
                 .values(
-                    status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None
+                    status="cancelled",
+                    finished_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    blocked_on=None,
+                    slots_held=0,
                 )
-            ).rowcount
+            )
+            if row.slots_held:  # a running attempt gives its slots back now
+                flow.release_slots(connection, [row.limits])
+            if row.limits:
+                flow.forget_scopes(connection, [job_id])
         self._notify_changed()
-        return bool(changed)
+        return True
 
     # -- reads --------------------------------------------------------------------------
 
@@ -517,13 +601,18 @@ class Store:
             found = connection.execute(
                 select(jobs.c.id)
                 .where(
-                    IS_CLAIMABLE,
+                    IS_DUE,
                     jobs.c.queue.in_(queues),
                     jobs.c.run_at <= now,
                 )
                 .limit(1)
             ).first()
         return found is not None
+
+    def sweep_parked(self) -> int:
+        """Unpark jobs of concurrency scopes that have free slots; see ``flow``."""
+        with self._write() as connection:
+            return flow.sweep_parked(connection)
 
     def count_by_status(self) -> dict[str, int]:
         with self._read() as connection:

@@ -6,8 +6,46 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
+class RateCheck:
+    """Admit the job only if fewer than ``limit`` were admitted in ``scope`` in ``period``."""
+
+    scope: str
+    limit: int
+    period: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    """A rate-limit scope after an admission decision (for ``RateLimit`` headers).
+
+    ``reset`` is the seconds until a slot of the window frees up.
+    """
+
+    scope: str
+    limit: int
+    period: float
+    remaining: int
+    reset: float
+
+
+@dataclass(frozen=True, slots=True)
+class DebounceCheck:
+    """Collapse into the pending job of ``scope``; run ``window`` after the last call,
+    but no later than ``max_wait`` after the first."""
+
+    scope: str
+    window: float
+    max_wait: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class NewJob:
-    """A job to insert; ``payload`` is JSON text."""
+    """A job to insert; ``payload`` is JSON text.
+
+    ``limits`` is the flow-control document stored with the job (JSON text):
+    ``{"concurrency": [[scope, capacity], ...], "throttle": [scope, interval],
+    "keys": {...}}``; ``scopes`` its concurrency scopes.
+    """
 
     id: str
     task: str
@@ -17,6 +55,10 @@ class NewJob:
     run_at: float
     created_at: float
     idempotency_key: str | None = None
+    limits: str | None = None
+    scopes: tuple[str, ...] = ()
+    rate_limits: tuple[RateCheck, ...] = ()
+    debounce: DebounceCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +73,13 @@ class IdempotencyClaim:
 
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
-    """``created`` is false when an unexpired idempotency key already named ``job_id``."""
+    """``created`` is false when an unexpired idempotency key (or a debounce) already
+    named ``job_id``. ``rates`` are the rate-limit scopes after admitting the job."""
 
     job_id: str
     created: bool
     fingerprint: str | None = None
+    rates: tuple[RateState, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +93,7 @@ class ClaimedJob:
     attempt: int
     started_at: float
     lease_owner: str
+    limits: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +135,9 @@ class JobRow:
     lease_owner: str | None
     lease_expires_at: float | None
     idempotency_key: str | None
+    limits: str | None
+    blocked_on: str | None
+    slots_held: int
 
 
 @dataclass(frozen=True, slots=True)

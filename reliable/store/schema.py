@@ -46,14 +46,28 @@ jobs = Table(
     Column("lease_owner", String(64)),
     Column("lease_expires_at", Double),
     Column("idempotency_key", String(255)),
+    # JSON: {"concurrency": [scope, ...], "throttle": scope, "keys": {option: value}}
+    Column("limits", Text),
+    # A concurrency scope that was full when this job's turn came: it waits off the
+    # claim path until a slot of that scope is released.
+    Column("blocked_on", String(300)),
+    Column("slots_held", Integer, nullable=False, server_default=text("0")),
     # The claim path: an index lookup over due jobs only, highest priority first.
     Index(
         "ix_reliable_jobs_due",
         "queue",
         text("priority DESC"),
         "run_at",
-        sqlite_where=text("status IN ('queued', 'sleeping')"),
-        postgresql_where=text("status IN ('queued', 'sleeping')"),
+        sqlite_where=text("status IN ('queued', 'sleeping') AND blocked_on IS NULL"),
+        postgresql_where=text("status IN ('queued', 'sleeping') AND blocked_on IS NULL"),
+    ),
+    Index(
+        "ix_reliable_jobs_blocked",
+        "blocked_on",
+        text("priority DESC"),
+        "run_at",
+        sqlite_where=text("blocked_on IS NOT NULL"),
+        postgresql_where=text("blocked_on IS NOT NULL"),
     ),
     # Finding attempts whose worker died.
     Index(
@@ -99,6 +113,59 @@ idempotency_keys = Table(
     Index("ix_reliable_idempotency_keys_expires", "expires_at"),
 )
 
+# Which concurrency scopes a job counts against (to park every waiting job of a scope).
+job_scopes = Table(
+    "reliable_job_scopes",
+    metadata,
+    Column("scope", String(300), nullable=False),
+    Column("job_id", String(32), nullable=False),
+    PrimaryKeyConstraint("scope", "job_id"),
+)
+
+# Slots in use per concurrency scope ("task#cap#key"); capacities live in the code.
+concurrency = Table(
+    "reliable_concurrency",
+    metadata,
+    Column("scope", String(300), primary_key=True),
+    Column("in_use", Integer, nullable=False, server_default=text("0")),
+    Column("capacity", Integer, nullable=False, server_default=text("0")),
+)
+
+# One row per rate-limited scope, locked while admitting, and its admissions.
+rate_limits = Table(
+    "reliable_rate_limits",
+    metadata,
+    Column("scope", String(300), primary_key=True),
+    Column("limit", Integer, nullable=False),
+    Column("period_seconds", Double, nullable=False),
+)
+rate_events = Table(
+    "reliable_rate_events",
+    metadata,
+    Column("scope", String(300), nullable=False),
+    Column("job_id", String(32), nullable=False),
+    Column("admitted_at", Double, nullable=False),
+    PrimaryKeyConstraint("scope", "job_id"),
+    Index("ix_reliable_rate_events_window", "scope", "admitted_at"),
+)
+
+# The earliest time the next job of a throttled scope may start.
+throttles = Table(
+    "reliable_throttles",
+    metadata,
+    Column("scope", String(300), primary_key=True),
+    Column("next_at", Double, nullable=False),
+)
+
+# The pending job that calls of a debounced scope collapse into.
+debounces = Table(
+    "reliable_debounces",
+    metadata,
+    Column("scope", String(300), primary_key=True),
+    Column("job_id", String(32), nullable=False),
+    Column("first_at", Double, nullable=False),
+)
+
 workers = Table(
     "reliable_workers",
     metadata,
@@ -117,3 +184,4 @@ IS_CLAIMABLE: ColumnElement[bool] = jobs.c.status.in_(
     [literal_column(f"'{status}'") for status in CLAIMABLE]
 )
 IS_RUNNING: ColumnElement[bool] = jobs.c.status == literal_column("'running'")
+IS_DUE: ColumnElement[bool] = IS_CLAIMABLE & jobs.c.blocked_on.is_(None)

@@ -1,0 +1,315 @@
+"""Flow control inside the store's transactions: slots, parking, rate windows, throttles.
+
+Concurrency: a claim takes a slot of each of the job's scopes (a counter row per
+scope, locked with ``SKIP LOCKED`` on PostgreSQL so claimers never queue behind each
+other). When a scope is full, every waiting job of that scope is *parked*
+(``blocked_on``) in one statement: parked jobs are outside the claim index, so a
+saturated key with a long backlog costs other keys nothing. Each released slot
+unparks the next job of its scope; a periodic sweep repairs what a race let slip.
+
+Rate limits: a sliding window, exact across processes: the scope's row is locked, the
+admissions of the last period counted, and the job admitted only under the limit.
+
+Throttles: the scope's row holds the earliest next start; starts are spaced by
+``period / limit``, checked when the job is claimed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, func, select, update
+
+from ..errors import RateLimited
+from .records import DebounceCheck, NewJob, RateState
+from .schema import IS_DUE, concurrency, debounces, job_scopes, jobs, rate_events, rate_limits
+from .schema import throttles as throttle_table
+
+
+@dataclass
+class Admission:
+    """What a claim round decided for jobs that carry limits."""
+
+    granted: list[str] = field(default_factory=list)
+    holding_slots: list[str] = field(default_factory=list)
+    # Scopes found full: their waiting jobs are to be parked.
+    parked_scopes: list[str] = field(default_factory=list)
+    rescheduled: list[tuple[str, float]] = field(default_factory=list)
+
+
+def _lock(connection: Connection, dialect: str, statement: Any, *, skip_locked: bool) -> Any:
+    if dialect == "postgresql":
+        statement = statement.with_for_update(skip_locked=skip_locked)
+    return connection.execute(statement)
+
+
+def admit_limited(
+    connection: Connection,
+    dialect: str,
+    insert: Any,
+    candidates: Sequence[tuple[str, dict[str, Any]]],
+    now: float,
+) -> Admission:
+    """Decide which of ``candidates`` (id, limits) may start now, in candidate order."""
+    decision = Admission()
+    capacities: dict[str, int] = {}
+    intervals: dict[str, float] = {}
+    for _, limits in candidates:
+        for scope, capacity in limits.get("concurrency", ()):
+            capacities[scope] = int(capacity)
+        if limits.get("throttle"):
+            scope, interval = limits["throttle"]
+            intervals[scope] = float(interval)
+
+    in_use: dict[str, int] = {}
+    if capacities:
+        scopes = sorted(capacities)
+        connection.execute(
+            insert(concurrency)
+            .values(scope=bindparam("s"), in_use=0, capacity=bindparam("c"))
+            .on_conflict_do_nothing(index_elements=[concurrency.c.scope]),
+            [{"s": scope, "c": capacities[scope]} for scope in scopes],
+        )
+        rows = _lock(
+            connection,
+            dialect,
+            select(concurrency.c.scope, concurrency.c.in_use).where(
+                concurrency.c.scope.in_(scopes)
+            ),
+            skip_locked=True,
+        )
+        in_use = {row.scope: int(row.in_use) for row in rows}
+    next_at: dict[str, float] = {}
+    if intervals:
+        scopes = sorted(intervals)
+        connection.execute(
+            insert(throttle_table)
+            .values(scope=bindparam("s"), next_at=0.0)
+            .on_conflict_do_nothing(index_elements=[throttle_table.c.scope]),
+            [{"s": scope} for scope in scopes],
+        )
+        rows = _lock(
+            connection,
+            dialect,
+            select(throttle_table.c.scope, throttle_table.c.next_at).where(
+                throttle_table.c.scope.in_(scopes)
+            ),
+            skip_locked=True,
+        )
+        next_at = {row.scope: float(row.next_at) for row in rows}
+    granted_next = dict(next_at)  # advanced by starts granted; persisted
+    turn = dict(next_at)  # the start time handed to the next job that must wait
+
+    full: set[str] = set()
+    for job_id, limits in candidates:
+        slots = [scope for scope, _ in limits.get("concurrency", ())]
+        if any(scope not in in_use for scope in slots):
+            continue  # another claimer holds the scope this instant: next round
+        blocked = [scope for scope in slots if in_use[scope] >= capacities[scope]]
+        if blocked:
+            full.add(blocked[0])
+            continue
+        if limits.get("throttle"):
+            scope = limits["throttle"][0]
+            if scope not in next_at:
+                continue
+            if granted_next[scope] > now:
+                # Not its turn: it waits off the claim path until it could be.
+                at = max(turn[scope], granted_next[scope])
+                decision.rescheduled.append((job_id, at))
+                turn[scope] = at + intervals[scope]
+                continue
+            granted_next[scope] = max(granted_next[scope], now) + intervals[scope]
+            turn[scope] = max(turn[scope], granted_next[scope])
+        for scope in slots:
+            in_use[scope] += 1
+        decision.granted.append(job_id)
+        if slots:
+            decision.holding_slots.append(job_id)
+
+    changed = [
+        {"s": scope, "n": in_use[scope], "c": capacities[scope]}
+        for scope in sorted(in_use)
+        if scope in capacities
+    ]
+    if decision.holding_slots and changed:
+        connection.execute(
+            update(concurrency)
+            .where(concurrency.c.scope == bindparam("s"))
+            .values(in_use=bindparam("n"), capacity=bindparam("c")),
+            changed,
+        )
+    advanced = [{"s": s, "t": t} for s, t in granted_next.items() if t != next_at[s]]
+    if advanced:
+        connection.execute(
+            update(throttle_table)
+            .where(throttle_table.c.scope == bindparam("s"))
+            .values(next_at=bindparam("t")),
+            advanced,
+        )
+    decision.parked_scopes = sorted(full)  # parked by the caller, once granted jobs run
+    if decision.rescheduled:
+        connection.execute(
+            update(jobs).where(jobs.c.id == bindparam("b_id")).values(run_at=bindparam("b_at")),
+            [{"b_id": job_id, "b_at": at} for job_id, at in decision.rescheduled],
+        )
+    return decision
+
+
+def park(connection: Connection, scope: str) -> None:
+    """Move every waiting job of a full ``scope`` off the claim path."""
+    connection.execute(
+        update(jobs)
+        .where(
+            jobs.c.id.in_(select(job_scopes.c.job_id).where(job_scopes.c.scope == scope)),
+            IS_DUE,
+        )
+        .values(blocked_on=scope)
+    )
+
+
+def unpark(connection: Connection, scope: str, count: int) -> None:
+    """Return the next ``count`` parked jobs of ``scope`` to the claim path."""
+    if count <= 0:
+        return
+    following = (
+        select(jobs.c.id)
+        .where(jobs.c.blocked_on == scope)
+        .order_by(jobs.c.priority.desc(), jobs.c.run_at)
+        .limit(count)
+    )
+    connection.execute(
+        update(jobs).where(jobs.c.id.in_(following.scalar_subquery())).values(blocked_on=None)
+    )
+
+
+def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
+    """Give back the slots of attempts that ended; ``held`` are their jobs' limits JSON."""
+    freed: dict[str, int] = {}
+    for document in held:
+        if not document:
+            continue
+        for scope, _ in json.loads(document).get("concurrency", ()):
+            freed[scope] = freed.get(scope, 0) + 1
+    for scope in sorted(freed):  # one lock order for every transaction: no deadlocks
+        connection.execute(
+            update(concurrency)
+            .where(concurrency.c.scope == scope)
+            .values(in_use=func.max(concurrency.c.in_use - freed[scope], 0))
+            if connection.dialect.name == "sqlite"
+            else update(concurrency)
+            .where(concurrency.c.scope == scope)
+            .values(in_use=func.greatest(concurrency.c.in_use - freed[scope], 0))
+        )
+        unpark(connection, scope, freed[scope])
+
+
+def forget_scopes(connection: Connection, job_ids: Sequence[str]) -> None:
+    if job_ids:
+        connection.execute(delete(job_scopes).where(job_scopes.c.job_id.in_(job_ids)))
+
+
+def sweep_parked(connection: Connection) -> int:
+    """Unpark jobs of scopes that have free slots (a safety net for races); return how many."""
+    blocked = select(jobs.c.blocked_on).where(jobs.c.blocked_on.is_not(None)).distinct().subquery()
+    rows = connection.execute(
+        select(concurrency.c.scope, concurrency.c.in_use, concurrency.c.capacity).where(
+            concurrency.c.scope.in_(select(blocked.c.blocked_on)),
+            concurrency.c.in_use < concurrency.c.capacity,
+        )
+    ).all()
+    for row in rows:
+        unpark(connection, row.scope, int(row.capacity) - int(row.in_use))
+    return len(rows)
+
+
+def insert_scopes(connection: Connection, job: NewJob) -> None:
+    if job.scopes:
+        connection.execute(
+            job_scopes.insert(), [{"scope": scope, "job_id": job.id} for scope in job.scopes]
+        )
+
+
+def admit_rates(
+    connection: Connection, insert: Any, job: NewJob, now: float
+) -> tuple[RateState, ...]:
+    """Admit ``job`` under each of its rate limits, or raise ``RateLimited`` (nothing kept)."""
+    states: list[RateState] = []
+    for check in job.rate_limits:
+        # Upserting the scope's row locks it until commit: admissions of one scope
+        # are decided one at a time, so the window count is exact.
+        stmt = insert(rate_limits).values(
+            scope=check.scope, limit=check.limit, period_seconds=check.period
+        )
+        connection.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[rate_limits.c.scope],
+                set_={"limit": stmt.excluded.limit, "period_seconds": stmt.excluded.period_seconds},
+            )
+        )
+        start = now - check.period
+        connection.execute(
+            delete(rate_events).where(
+                rate_events.c.scope == check.scope, rate_events.c.admitted_at <= start
+            )
+        )
+        count, oldest = connection.execute(
+            select(func.count(), func.min(rate_events.c.admitted_at)).where(
+                rate_events.c.scope == check.scope
+            )
+        ).one()
+        count = int(count)
+        if count >= check.limit:
+            retry_after = max(0.0, float(oldest) + check.period - now)
+            raise RateLimited(
+                f"rate limit {check.limit} per {check.period:g}s reached for {check.scope!r}",
+                retry_after,
+                state=RateState(check.scope, check.limit, check.period, 0, retry_after),
+            )
+        connection.execute(
+            rate_events.insert().values(scope=check.scope, job_id=job.id, admitted_at=now)
+        )
+        reset = (float(oldest) if oldest is not None else now) + check.period - now
+        states.append(
+            RateState(check.scope, check.limit, check.period, check.limit - count - 1, reset)
+        )
+    return tuple(states)
+
+
+def collapse(
+    connection: Connection, insert: Any, job: NewJob, check: DebounceCheck, now: float
+) -> str | None:
+    """Fold ``job`` into the pending job of its debounce scope; return that job's id.
+
+    Returns ``None`` when there is no pending job: the caller inserts ``job``, which
+    becomes the scope's pending job, due ``window`` from now.
+    """
+    stmt = insert(debounces).values(scope=check.scope, job_id=job.id, first_at=now)
+    connection.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[debounces.c.scope], set_={"scope": stmt.excluded.scope}
+        )
+    )  # exists now, and locked until commit
+    row = connection.execute(
+        select(debounces.c.job_id, debounces.c.first_at).where(debounces.c.scope == check.scope)
+    ).one()
+    if row.job_id != job.id:
+        due = now + check.window
+        if check.max_wait is not None:
+            due = min(due, float(row.first_at) + check.max_wait)
+        updated = connection.execute(
+            update(jobs)
+            .where(jobs.c.id == row.job_id, jobs.c.status == "queued", jobs.c.attempts == 0)
+            .values(payload=job.payload, run_at=due)
+        ).rowcount
+        if updated:
+            return str(row.job_id)
+        connection.execute(
+            update(debounces)
+            .where(debounces.c.scope == check.scope)
+            .values(job_id=job.id, first_at=now)
+        )
+    return None
