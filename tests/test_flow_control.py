@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from reliable import ConfigError, ManualClock, RateLimited, Reliable, current_job
@@ -149,7 +151,7 @@ def test_throttle_spaces_starts(rel: Reliable, clock: ManualClock) -> None:
             finish(rel, "a", [job])
         clock.advance(1)
     assert len(starts) == 5
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(gap >= 5 for gap in gaps), starts
 
 
