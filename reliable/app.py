@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from .errors import ConfigError, IdempotencyConflict, JobNotFound
 from .execution import after_failure, run_attempt
 from .jobs import AttemptInfo, JobHandle, JobInfo
 from .limits import FlowPlan
+from .overrides import apply_overrides
 from .serialization import dumps
 from .settings import Settings
 from .store import IdempotencyClaim, NewJob, Store
@@ -134,7 +136,14 @@ class Reliable:
         return fn
 
     def register(self, task: Task[Any, Any]) -> None:
-        """Add a task to this application; its name must be unused."""
+        """Add a task to this application; its name must be unused.
+
+        ``RELIABLE_TASK_<NAME>_<OPTION>`` environment variables override the
+        decorator's ``concurrency``, ``rate_limit``, ``throttle``, ``priority``,
+        ``retries`` and ``timeout``; a bad value raises ``ConfigError`` naming the
+        variable.
+        """
+        task.options = apply_overrides(task.options, os.environ)
         existing = self.tasks.get(task.name)
         if existing is not None and existing.fn is not task.fn:
             raise ConfigError(
@@ -225,6 +234,15 @@ class Reliable:
         if row is None:
             raise JobNotFound(job_id)
         return JobInfo.from_row(row)
+
+    def flow_state(self) -> dict[str, list[dict[str, Any]]]:
+        """Concurrency slots in use and rate-limit windows, per task and key value.
+
+        ``{"concurrency": [{"task", "option", "key", "in_use", "limit"}],
+        "rate_limits": [{"task", "option", "key", "limit", "period", "used", "reset"}],
+        "throttles": [{"task", "option", "key", "next_start_in"}]}``
+        """
+        return self.store.flow_state(self.clock.now())
 
     def get_attempts(self, job_id: str) -> list[AttemptInfo]:
         """The attempts of the job that did not succeed, oldest first."""

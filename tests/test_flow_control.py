@@ -234,3 +234,57 @@ def test_bad_flow_options_fail_when_the_decorator_runs(
 
     with pytest.raises(ConfigError, match=name):
         rel.task(**options)(fn)
+
+
+def test_environment_overrides_the_decorator(
+    rel: Reliable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELIABLE_TASK_SEND_INVOICE_CONCURRENCY", "4")
+    monkeypatch.setenv("RELIABLE_TASK_SEND_INVOICE_RATE_LIMIT", "50/second")
+    monkeypatch.setenv("RELIABLE_TASK_SEND_INVOICE_PRIORITY", "7")
+    monkeypatch.setenv("RELIABLE_TASK_SEND_INVOICE_RETRIES", "9")
+    monkeypatch.setenv("RELIABLE_TASK_SEND_INVOICE_TIMEOUT", "2m")
+    monkeypatch.setenv("RELIABLE_TASK_SEND_INVOICE_THROTTLE", "5/minute")
+
+    @rel.task(concurrency=Concurrency(1, key="arg:account"), rate_limit="1/hour", retries=1)
+    def send_invoice(account: str) -> None: ...
+
+    options = send_invoice.options
+    assert options.flow.concurrency == (Concurrency(4, "arg:account"),)
+    assert (options.flow.rate_limits[0].limit, options.flow.rate_limits[0].period) == (50, 1.0)
+    assert (options.priority, options.retries, options.timeout) == (7, 9, 120.0)
+    assert options.flow.throttle is not None and options.flow.throttle.interval == 12.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("CONCURRENCY", "0"), ("RATE_LIMIT", "lots"), ("PRIORITY", "high"), ("TIMEOUT", "never")],
+)
+def test_bad_override_fails_at_start_up_naming_the_variable(
+    rel: Reliable, monkeypatch: pytest.MonkeyPatch, option: str, value: str
+) -> None:
+    monkeypatch.setenv(f"RELIABLE_TASK_REPORT_{option}", value)
+    with pytest.raises(ConfigError, match=f"RELIABLE_TASK_REPORT_{option}"):
+
+        @rel.task
+        def report() -> None: ...
+
+
+def test_flow_state_shows_slots_and_windows(rel: Reliable, clock: ManualClock) -> None:
+    @rel.task(concurrency=Concurrency(2, key="arg:tenant"), rate_limit="10/minute")
+    def sync(tenant: str) -> None: ...
+
+    sync.enqueue("acme")
+    sync.enqueue("acme")
+    claim(rel, "a", limit=1)
+    state = rel.flow_state()
+    assert state["concurrency"] == [
+        {"task": "sync", "option": "concurrency0", "key": "acme", "in_use": 1, "limit": 2}
+    ]
+    [window] = state["rate_limits"]
+    assert (window["task"], window["limit"], window["used"], window["period"]) == (
+        "sync",
+        10,
+        2,
+        60.0,
+    )

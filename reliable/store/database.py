@@ -614,6 +614,10 @@ class Store:
         with self._write() as connection:
             return flow.sweep_parked(connection)
 
+    def flow_state(self, now: float) -> dict[str, list[dict[str, Any]]]:
+        with self._read() as connection:
+            return flow.state(connection, now)
+
     def count_by_status(self) -> dict[str, int]:
         with self._read() as connection:
             rows = connection.execute(
