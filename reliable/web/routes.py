@@ -10,19 +10,23 @@ adapter, which rebuilds the request, calls the real handler, and returns its res
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError, IdempotencyConflict, ReliableError
+from ..errors import ConfigError, IdempotencyConflict, RateLimited, ReliableError
+from ..limits import Key, MissingKey, describe_key, plan, scope_value
 from ..serialization import dumps
+from ..store.records import RateState
 from ..tasks import Task, TaskOptions
 from .http import HttpResponse, accepted, problem
 from .idempotency import InvalidIdempotencyKey, parse_idempotency_key, request_fingerprint
-from .snapshot import RequestSnapshot
+from .snapshot import CREDENTIAL_HEADERS, RequestSnapshot
 
 if TYPE_CHECKING:
     from ..app import Reliable
@@ -159,7 +163,7 @@ def offload(app: Reliable, fn: Callable[..., Any], **options: Any) -> Callable[.
         raise ConfigError(
             "idempotency_key", "routes take the Idempotency-Key header; use idempotency="
         )
-    route = RouteTask(app, fn, TaskOptions.build(fn, **options), route_options)
+    route = RouteTask(app, fn, TaskOptions.build(fn, route=True, **options), route_options)
     app.register(route)
 
     def answer(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -199,11 +203,13 @@ def admit(
     framework: str,
     captured: Any = None,
     scope: str | None = None,
+    request: Any = None,
 ) -> HttpResponse:
     """Check, snapshot and commit one request; decide the answer (SPEC §4).
 
     ``snapshot`` still carries every header; credentials are dropped here, before
-    anything is written. ``scope`` is the caller's idempotency scope value, if any.
+    anything is written. ``scope`` is the caller's idempotency scope value, if any;
+    ``request`` the framework's request, given to key functions.
     """
     key = None
     raw_key = snapshot.header("idempotency-key")
@@ -223,6 +229,16 @@ def admit(
             "captured": captured,
         }
     )
+    try:
+        flow = plan(
+            route.name,
+            route.options.flow,
+            lambda key, option: resolve_request_key(
+                key, option, snapshot, request, app.settings.redact_headers
+            ),
+        )
+    except MissingKey as exc:
+        return problem(400, str(exc))
     fingerprint = None
     idempotency_scope = None
     if key is not None:
@@ -239,9 +255,89 @@ def admit(
             idempotency_key=key,
             idempotency_scope=idempotency_scope,
             fingerprint=fingerprint,
+            flow=flow,
         )
     except IdempotencyConflict:
         return problem(
             422, "this Idempotency-Key was already used with a different request", key=key
         )
-    return accepted(handle.id, app.settings.url_prefix, replayed=not handle.created)
+    except RateLimited as exc:
+        return rate_limited(route, exc)
+    response = accepted(handle.id, app.settings.url_prefix, replayed=not handle.created)
+    response.headers += rate_limit_headers(route, handle.rates)
+    return response
+
+
+def _policy_name(route: RouteTask, index: int) -> str:
+    return route.name if index == 0 else f"{route.name}-{index}"
+
+
+def rate_limit_headers(route: RouteTask, rates: Sequence[RateState]) -> list[tuple[str, str]]:
+    """``RateLimit`` and ``RateLimit-Policy`` (draft-ietf-httpapi-ratelimit-headers)."""
+    if not rates:
+        return []
+    policies = []
+    limits = []
+    for index, rate in enumerate(rates):
+        name = _policy_name(route, index)
+        policies.append(f'"{name}";q={rate.limit};w={math.ceil(rate.period)}')
+        limits.append(f'"{name}";r={max(rate.remaining, 0)};t={math.ceil(max(rate.reset, 0))}')
+    return [("ratelimit-policy", ", ".join(policies)), ("ratelimit", ", ".join(limits))]
+
+
+def rate_limited(route: RouteTask, exc: RateLimited) -> HttpResponse:
+    """429 with ``Retry-After`` and the rate-limit headers; nothing was stored."""
+    seconds = max(1, math.ceil(exc.retry_after))
+    headers = [("retry-after", str(seconds))]
+    if isinstance(exc.state, RateState):
+        option = exc.state.scope.split("#")[1]  # "task#rate_limit<i>#key"
+        index = int(option.removeprefix("rate_limit") or 0)
+        name = _policy_name(route, index)
+        headers += [
+            ("ratelimit-policy", f'"{name}";q={exc.state.limit};w={math.ceil(exc.state.period)}'),
+            ("ratelimit", f'"{name}";r=0;t={seconds}'),
+        ]
+    return problem(429, str(exc), headers=headers, retry_after=seconds)
+
+
+def resolve_request_key(
+    key: Key, option: str, snapshot: RequestSnapshot, request: Any, redacted: Sequence[str]
+) -> str:
+    """The value of a limit key for one request (see ``reliable.limits``)."""
+    if callable(key):
+        value = key(request)
+    else:
+        kind, _, detail = key.partition(":")
+        value = None
+        if kind == "header":
+            value = snapshot.header(detail)
+            hidden = CREDENTIAL_HEADERS | {name.lower() for name in redacted}
+            if value is not None and detail.lower() in hidden:
+                # Never store a credential, not even as a key: keep a digest of it.
+                value = "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:32]
+        elif kind == "path":
+            value = snapshot.path_params.get(detail)
+        elif kind == "arg":
+            value = (snapshot.arguments or {}).get(detail, snapshot.path_params.get(detail))
+        elif kind == "ip":
+            value = snapshot.client[0] if snapshot.client else None
+        elif kind == "json":
+            value = _json_path(snapshot.body, detail)
+    if value is None or value == "":
+        raise MissingKey(describe_key(key), option)
+    return scope_value(value)
+
+
+def _json_path(body: bytes, path: str) -> Any:
+    try:
+        value: Any = json.loads(body or b"null")
+    except ValueError:
+        return None
+    for part in path.split("."):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return None if isinstance(value, dict | list) else value
