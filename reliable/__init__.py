@@ -18,14 +18,18 @@ from .errors import (
     StoreError,
     UnknownTask,
 )
-from .jobs import AttemptInfo, JobHandle, JobInfo, JobStatus
+from .jobs import AttemptInfo, JobHandle, JobInfo, JobStatus, StepInfo
+from .limits import Concurrency, Debounce, RateLimit, Throttle
 from .settings import Settings
+from .steps import sleep, sleep_until, step, wait_for_event
 from .tasks import Task
 
 __all__ = [
     "AttemptInfo",
     "Clock",
+    "Concurrency",
     "ConfigError",
+    "Debounce",
     "IdempotencyConflict",
     "JobCancelled",
     "JobContext",
@@ -37,15 +41,22 @@ __all__ = [
     "JobTimeout",
     "ManualClock",
     "NonRetriable",
+    "RateLimit",
     "RateLimited",
     "Reliable",
     "ReliableError",
     "RetryAfter",
     "SerializationError",
     "Settings",
+    "StepInfo",
     "StoreError",
     "SystemClock",
     "Task",
+    "Throttle",
     "UnknownTask",
     "current_job",
+    "sleep",
+    "sleep_until",
+    "step",
+    "wait_for_event",
 ]

@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from .clock import Clock, SystemClock
 from .errors import ConfigError, IdempotencyConflict, JobNotFound
 from .execution import after_failure, run_attempt
-from .jobs import AttemptInfo, JobHandle, JobInfo
+from .jobs import AttemptInfo, JobHandle, JobInfo, StepInfo
 from .limits import FlowPlan
 from .overrides import apply_overrides
 from .serialization import dumps
@@ -243,6 +243,21 @@ class Reliable:
         "throttles": [{"task", "option", "key", "next_start_in"}]}``
         """
         return self.store.flow_state(self.clock.now())
+
+    def send_event(self, name: str, data: Any = None) -> list[str]:
+        """Send an event: every job waiting for ``name`` whose ``match`` the ``data``
+        meets resumes with it. Returns the ids of the jobs it woke.
+
+        ``data`` is JSON (SPEC §5 types); raises ``SerializationError`` otherwise.
+        """
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise ConfigError("name", f"an event name is 1 to 200 characters, got {name!r}")
+        return self.store.send_event(uuid.uuid4().hex, name, dumps(data), self.clock.now())
+
+    def get_steps(self, job_id: str) -> list[StepInfo]:
+        """The job's steps in the order they first ran: name, status, attempts, times,
+        result or error (a timeline for the dashboard)."""
+        return [StepInfo.from_row(row) for row in self.store.get_steps(job_id)]
 
     def get_attempts(self, job_id: str) -> list[AttemptInfo]:
         """The attempts of the job that did not succeed, oldest first."""

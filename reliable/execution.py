@@ -18,6 +18,7 @@ import tenacity
 from .context import JobContext, _current
 from .errors import NonRetriable, ReliableError, RetryAfter, SerializationError, UnknownTask
 from .serialization import dumps, loads
+from .steps import StepRunner, Suspend, _runner
 from .store import ClaimedJob, Outcome
 from .tasks import Task, run_coroutine
 
@@ -109,6 +110,7 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
     keys = json.loads(job.limits).get("keys", {}) if job.limits else {}
     context = JobContext(job.id, task.name, job.attempt, job.queue, keys)
     token = _current.set(context)
+    steps_token = _runner.set(StepRunner(app, job))
     awaited = False
     try:
         payload = loads(job.payload)
@@ -122,6 +124,18 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
         if timeout is not None and app.clock.now() - job.started_at > timeout:
             return timed_out(app, job, timeout)
         result = dumps(value)
+    except Suspend as suspended:
+        now = app.clock.now()
+        return Outcome(
+            job.id,
+            job.attempt,
+            "sleeping",
+            job.started_at,
+            now,
+            run_at=suspended.wake_at,
+            task=job.task,
+            waits=suspended.waits,
+        )
     except RetryAfter as exc:
         return failure(app, task, job, exc, retry=True, delay=exc.seconds)
     except NonRetriable as exc:
@@ -136,6 +150,7 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
     except Exception as exc:
         return failure(app, task, job, exc, retry=isinstance(exc, task.options.retry_on))
     finally:
+        _runner.reset(steps_token)
         _current.reset(token)
     return Outcome(
         job.id, job.attempt, "succeeded", job.started_at, app.clock.now(), result, task=job.task

@@ -12,6 +12,7 @@ from .errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
 from .serialization import loads
 from .store import AttemptRow, JobRow
 from .store.records import RateState
+from .store.steps import StepRow
 
 if TYPE_CHECKING:
     from .app import Reliable
@@ -45,6 +46,32 @@ class AttemptInfo:
             worker_id=row.worker_id,
             started_at=_time(row.started_at),
             finished_at=_time(row.finished_at) or datetime.now(timezone.utc),
+            error=None if row.error is None else json.loads(row.error),
+        )
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One step of a job: ``status`` is ``succeeded``, ``failed`` or ``waiting``."""
+
+    name: str
+    status: str
+    attempts: int
+    started_at: datetime
+    finished_at: datetime | None
+    result: Any
+    error: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: StepRow) -> StepInfo:
+        waiting = row.status == "waiting"
+        return cls(
+            name=row.name,
+            status=row.status,
+            attempts=row.attempts,
+            started_at=_time(row.started_at) or datetime.now(timezone.utc),
+            finished_at=_time(row.finished_at),
+            result=None if row.result is None or waiting else loads(row.result),
             error=None if row.error is None else json.loads(row.error),
         )
 

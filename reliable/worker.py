@@ -288,7 +288,7 @@ class Worker:
                 )
             elif outcome.status == "failed":
                 self._work.put(partial(after_failure, self.app, outcome.job_id, outcome.task))
-            elif outcome.status == "queued" and outcome.run_at is not None:
+            elif outcome.status in ("queued", "sleeping") and outcome.run_at is not None:
                 due = time.monotonic() + max(0.0, outcome.run_at - self.app.clock.now())
                 with self._cond:
                     if self._next_due is None or due < self._next_due:

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..errors import ConfigError, StoreError
-from . import flow, postgres, sqlite
+from . import flow, postgres, sqlite, steps
 from .migrate import ensure_schema
 from .records import (
     AttemptRow,
@@ -351,6 +351,7 @@ class Store:
                 )
                 .values(
                     status=bindparam("b_status"),
+                    attempts=bindparam("b_attempts"),
                     result=bindparam("b_result"),
                     error=bindparam("b_error"),
                     run_at=bindparam("b_run_at"),
@@ -364,10 +365,12 @@ class Store:
                         "b_id": o.job_id,
                         "b_attempt": o.attempt,
                         "b_status": o.status,
+                        # A sleep is not an attempt: the resumed one keeps its number.
+                        "b_attempts": o.attempt - 1 if o.status == "sleeping" else o.attempt,
                         "b_result": o.result,
                         "b_error": o.error,
                         "b_run_at": o.run_at if o.run_at is not None else o.finished_at,
-                        "b_finished_at": None if o.status == "queued" else o.finished_at,
+                        "b_finished_at": o.finished_at if o.status in TERMINAL else None,
                     }
                     for o in applied
                 ],
@@ -387,6 +390,12 @@ class Store:
             ]
             if failed_attempts:
                 connection.execute(attempts.insert(), failed_attempts)
+            for o in applied:
+                if o.waits and not steps.has_waits(connection, o.job_id):
+                    # The event arrived while this attempt was settling.
+                    connection.execute(
+                        update(jobs).where(jobs.c.id == o.job_id).values(run_at=o.finished_at)
+                    )
             rows = [held[(o.job_id, o.attempt)] for o in applied]
             flow.release_slots(connection, [r.limits for r in rows if r.slots_held])
             flow.forget_scopes(
@@ -394,7 +403,7 @@ class Store:
                 [
                     o.job_id
                     for o, r in zip(applied, rows, strict=True)
-                    if r.limits and o.status != "queued"
+                    if r.limits and o.status in TERMINAL
                 ],
             )
         return discarded
@@ -573,6 +582,53 @@ class Store:
                 flow.forget_scopes(connection, [job_id])
         self._notify_changed()
         return True
+
+    # -- steps and events ---------------------------------------------------------------
+
+    def load_steps(self, job_id: str) -> dict[str, steps.StepRow]:
+        with self._read() as connection:
+            return steps.load(connection, job_id)
+
+    def record_step(
+        self, attempt: int, worker_id: str, row: steps.StepRow, wait: steps.WaitRow | None = None
+    ) -> bool:
+        """Save a step (and, for an event wait, the wait) while the attempt holds its
+        lease; return false, writing nothing, when it does not."""
+        with self._write() as connection:
+            if not steps.holds_lease(connection, row.job_id, attempt, worker_id):
+                return False
+            steps.save(connection, self._insert, row)
+            if wait is not None:
+                steps.add_wait(connection, self._insert, wait)
+        return True
+
+    def end_wait(
+        self, job_id: str, attempt: int, worker_id: str, step: str, result: str | None, now: float
+    ) -> bool:
+        """Complete a sleep, or an event wait that timed out, while holding the lease."""
+        with self._write() as connection:
+            if not steps.holds_lease(connection, job_id, attempt, worker_id):
+                return False
+            steps.complete_wait(connection, job_id, step, result, now)
+        return True
+
+    def get_wait(self, job_id: str, step: str) -> steps.WaitRow | None:
+        with self._read() as connection:
+            return steps.get_wait(connection, job_id, step)
+
+    def send_event(self, event_id: str, name: str, data: str, now: float) -> list[str]:
+        """Store an event and wake every job waiting for it whose match it meets."""
+        with self._write() as connection:
+            woken = steps.deliver(connection, self._insert, event_id, name, data, now)
+            if woken:
+                self._notify_other_processes(connection)
+        if woken:
+            self._wake()
+        return woken
+
+    def get_steps(self, job_id: str) -> list[steps.StepRow]:
+        rows = self.load_steps(job_id)
+        return sorted(rows.values(), key=lambda row: (row.position, row.started_at))
 
     # -- reads --------------------------------------------------------------------------
 

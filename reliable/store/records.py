@@ -100,8 +100,9 @@ class ClaimedJob:
 class Outcome:
     """The end of one attempt, applied only while the attempt still holds its lease.
 
-    ``status`` is the job's next status: ``succeeded``, ``failed`` or ``queued`` (a retry
-    at ``run_at``). ``result`` and ``error`` are JSON text.
+    ``status`` is the job's next status: ``succeeded``, ``failed``, ``queued`` (a retry
+    at ``run_at``) or ``sleeping`` (parked until ``run_at``; the attempt is not
+    counted). ``result`` and ``error`` are JSON text.
     """
 
     job_id: str
@@ -113,6 +114,9 @@ class Outcome:
     error: str | None = None
     run_at: float | None = None
     task: str = ""
+    # A ``sleeping`` outcome parked on an event wait: due at once if the event came
+    # while the attempt was still settling.
+    waits: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -166,6 +166,46 @@ debounces = Table(
     Column("first_at", Double, nullable=False),
 )
 
+# Completed (and failed) steps of durable jobs: a completed step is never run again.
+steps = Table(
+    "reliable_steps",
+    metadata,
+    Column("job_id", String(32), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # succeeded | failed
+    Column("attempts", Integer, nullable=False, server_default=text("1")),
+    Column("result", Text),
+    Column("error", Text),
+    Column("started_at", Double, nullable=False),
+    Column("finished_at", Double),
+    PrimaryKeyConstraint("job_id", "name"),
+)
+
+# Jobs parked until an event (or their timeout).
+waits = Table(
+    "reliable_waits",
+    metadata,
+    Column("job_id", String(32), nullable=False),
+    Column("step", String(200), nullable=False),
+    Column("event", String(200), nullable=False),
+    Column("match", Text),
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double),
+    PrimaryKeyConstraint("job_id", "step"),
+    Index("ix_reliable_waits_event", "event"),
+)
+
+events = Table(
+    "reliable_events",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("data", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Index("ix_reliable_events_name_created", "name", "created_at"),
+)
+
 workers = Table(
     "reliable_workers",
     metadata,
