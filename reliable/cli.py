@@ -72,7 +72,11 @@ def run_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     rel.start_worker(threads=args.threads, queues=queues)
     print(f"reliable worker running on {rel.store.describe()}", file=sys.stderr, flush=True)
-    stop.wait()
+    while not stop.wait(1.0):
+        if rel.worker is None or not rel.worker.running:
+            logging.getLogger("reliable").error("the worker's dispatcher stopped; exiting")
+            rel.close()
+            return 1
     rel.stop_worker(timeout=args.grace)
     rel.close()
     return 0

@@ -124,8 +124,10 @@ class Worker:
             self._dispatcher.join()
         for _ in self._executors:
             self._work.put(None)
+        # Daemon threads: one stuck in a task's code is not waited for beyond this.
+        deadline = time.monotonic() + 0.5
         for thread in self._executors:
-            thread.join(timeout=0.5)
+            thread.join(max(0.0, deadline - time.monotonic()))
         self.store.remove_waker(self.wake)
         if self._listener is not None:
             self._listener.close()  # type: ignore[attr-defined]
@@ -258,10 +260,13 @@ class Worker:
                         self.wake()
                     next_recovery = now + lease / 2 * random.uniform(0.75, 1.25)
                 failures = 0
-            except StoreError as exc:
+            except Exception as exc:  # the dispatcher must outlive any one failure
                 failures += 1
                 pause = min(0.05 * 2**failures, 5.0)
-                log.warning("worker %s: %s; retrying in %.2fs", self.id, exc, pause)
+                if isinstance(exc, StoreError):
+                    log.warning("worker %s: %s; retrying in %.2fs", self.id, exc, pause)
+                else:
+                    log.exception("worker %s: dispatcher error; retrying in %.2fs", self.id, pause)
                 with self._cond:
                     self._finished[:0] = finished  # settle them in the next round
                     self._wanted = True

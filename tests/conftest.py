@@ -37,8 +37,20 @@ def _ensure_database(url: str) -> None:
         admin.dispose()
 
 
+def _drop_database(url: str) -> None:
+    parsed = make_url(url).set(drivername="postgresql+psycopg")
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
+def postgres_url() -> Iterator[str]:
+    """A database of this test run's own (``<name>_<pid>``), dropped at the end, so
+    that runs at the same time on one server do not meet."""
     url = os.environ.get(POSTGRES_ENV)
     if not url:
         message = (
@@ -48,6 +60,10 @@ def postgres_url() -> str:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+    parsed = make_url(url)
+    url = parsed.set(database=f"{parsed.database}_{os.getpid()}").render_as_string(
+        hide_password=False
+    )
     try:
         _ensure_database(url)
         Store(url, pool_size=1).close()  # bring the schema up to date once
@@ -55,7 +71,8 @@ def postgres_url() -> str:
         if IN_CI:
             pytest.fail(f"PostgreSQL at {url} is not usable: {exc}")
         pytest.skip(f"PostgreSQL at {url} is not usable: {exc}")
-    return url
+    yield url
+    _drop_database(url)
 
 
 def truncate_postgres(url: str) -> None:
