@@ -109,6 +109,12 @@ class Reliable:
 
         return decorate if fn is None else decorate(fn)
 
+    @overload
+    def offload(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+    @overload
+    def offload(self, /, **options: Any) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
     def offload(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Offload a route: the request is committed as a job and answered ``202``.
 
@@ -287,7 +293,7 @@ class Reliable:
             worker = Worker(
                 self,
                 threads=threads or self.settings.worker_threads,
-                queues=queues or self.queues(),
+                queues=queues,
             )
             self._worker = worker
         return worker.start()

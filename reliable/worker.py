@@ -62,13 +62,14 @@ class Worker:
     releases the rest so another worker takes them at once.
     """
 
-    def __init__(self, app: Reliable, *, threads: int, queues: Sequence[str]) -> None:
+    def __init__(self, app: Reliable, *, threads: int, queues: Sequence[str] | None = None) -> None:
         if threads < 1:
             raise ValueError("a worker needs at least one thread")
         self.app = app
         self.store = app.store
         self.threads = threads
-        self.queues = tuple(queues)
+        # None: the queues of every registered task, also those registered later.
+        self._queues = tuple(queues) if queues else None
         self.id = new_worker_id()
         self.started_at = app.clock.now()
         self._cond = threading.Condition()
@@ -86,6 +87,10 @@ class Worker:
         self._executors: list[threading.Thread] = []
         self._listener: object | None = None
         self._watch: ChangeWatch | None = None
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        return self._queues or tuple(self.app.queues())
 
     # -- lifecycle ----------------------------------------------------------------------
 
