@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo quickstart bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: lint
 	$(BIN)/pytest
 
 demo: $(STAMP)
+	$(BIN)/python examples/flask_app.py
+
+quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
 bench: $(STAMP)

@@ -109,7 +109,7 @@ def create_app(
         refund_id = payments.refund(order_id, amount)
         return {"order_id": order_id, "refund_id": refund_id, "amount_cents": amount}, 201
 
-    ReliableFlask(app, rel)  # after the routes: the worker serves their queues
+    ReliableFlask(app, rel)
     return app
 
 
