@@ -67,16 +67,18 @@ class FlaskState:
 class ReliableFlask:
     """The Flask extension: ``ReliableFlask(app, rel)`` or ``ReliableFlask(rel).init_app(app)``.
 
-    One instance may serve several apps; each app's state lives in its
-    ``app.extensions["reliable"]``. Raises ``TypeError`` without a ``Reliable``.
+    Without ``rel`` it makes ``Reliable()`` from the ``RELIABLE_*`` environment, so
+    ``reliable = ReliableFlask(app)`` and ``@reliable.offload(...)`` is all an app
+    needs. One instance may serve several apps; each app's state lives in its
+    ``app.extensions["reliable"]``.
     """
 
     def __init__(self, app: Flask | Reliable | None = None, rel: Reliable | None = None) -> None:
         if isinstance(app, Reliable):
             app, rel = None, app
-        if rel is None:
-            raise TypeError("ReliableFlask needs the Reliable of the app: ReliableFlask(app, rel)")
-        self.reliable = rel
+        self.reliable = rel if rel is not None else Reliable()
+        self.offload = self.reliable.offload
+        self.task = self.reliable.task
         if app is not None:
             self.init_app(app)
 
@@ -88,8 +90,8 @@ class ReliableFlask:
         gracefully at interpreter exit; it does not start when the Reliable's
         ``embedded_worker`` setting is off (``RELIABLE_EMBEDDED_WORKER=0``), under the
         ``flask`` command other than ``flask run`` (``flask shell``, ``flask reliable
-        worker``...), or in the reloader's watcher process. Register routes before
-        calling this: the worker takes the queues of the tasks known when it starts.
+        worker``...), or in the reloader's watcher process. Routes may be registered
+        before or after.
 
         Config keys, read once here:
 

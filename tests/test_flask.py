@@ -598,15 +598,34 @@ def test_a_decorator_above_offload_runs_in_the_request_only(rel: Reliable) -> No
 # -- the extension -----------------------------------------------------------------------
 
 
-def test_one_registration_per_app_and_a_reliable_is_required(rel: Reliable) -> None:
+def test_one_registration_per_app(rel: Reliable) -> None:
     app = Flask("once")
     extension = ReliableFlask(rel)
     extension.init_app(app)
     assert app.extensions["reliable"].reliable is rel
     with pytest.raises(RuntimeError, match="already registered"):
         ReliableFlask(app, rel)
-    with pytest.raises(TypeError):
-        ReliableFlask(Flask("none"))
+
+
+def test_without_a_reliable_the_extension_makes_one_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    monkeypatch.setenv("RELIABLE_DATABASE_URL", db_url)
+    monkeypatch.setenv("RELIABLE_EMBEDDED_WORKER", "0")
+    app = Flask("three_lines")
+    reliable = ReliableFlask(app)
+
+    @app.post("/reports/<int:report_id>")
+    @reliable.offload(retries=2)
+    def build(report_id: int) -> tuple[dict[str, int], int]:
+        return {"report": report_id}, 201
+
+    response = app.test_client().post("/reports/5")
+    assert response.status_code == 202
+    reliable.reliable.run_until_idle()
+    status = app.test_client().get(response.headers["Location"]).get_json()
+    assert (status["status"], status["result"]["body"]) == ("succeeded", {"report": 5})
+    reliable.reliable.close()
 
 
 def test_several_apps_in_one_process_each_run_their_own_routes(rel: Reliable) -> None:
