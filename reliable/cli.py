@@ -22,7 +22,8 @@ def locate(spec: str) -> Reliable:
     """Find the ``Reliable`` of an application given as ``module:attribute``.
 
     The attribute may be the ``Reliable`` itself or a web application carrying one
-    (``app.extensions["reliable"]`` in Flask, ``app.state.reliable`` in Starlette).
+    (``app.extensions["reliable"]`` in Flask; in Starlette ``app.state.reliable``, or the
+    ``reliable=`` argument of the app's ``ReliableMiddleware``).
     Without ``:attribute`` the module's only ``Reliable`` is used.
     """
     module_name, _, attribute = spec.partition(":")
@@ -48,6 +49,12 @@ def locate(spec: str) -> Reliable:
         getattr(target, "reliable", None),
         getattr(getattr(target, "extensions", None) or {}, "get", lambda _: None)("reliable"),
         getattr(getattr(target, "state", None), "reliable", None),
+        # Starlette builds its middleware on first use; until then the Reliable is an
+        # argument of ``Middleware(ReliableMiddleware, reliable=rel)``.
+        *(
+            getattr(middleware, "kwargs", {}).get("reliable")
+            for middleware in getattr(target, "user_middleware", ())
+        ),
     ):
         if isinstance(candidate, Reliable):
             return candidate
