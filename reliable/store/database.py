@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, text, update
+from sqlalchemy import Connection, Engine, Select, bindparam, func, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -38,6 +38,87 @@ _LOST_ERROR = {
     "message": "the worker stopped renewing its lease (it died or lost the database)",
     "traceback": None,
 }
+
+
+def _due(filtered: bool) -> Select[Any]:
+    """Due, unparked jobs of the given queues (and tasks), best first, locked or skipped."""
+    conditions = [
+        IS_DUE,
+        jobs.c.queue.in_(bindparam("queues", expanding=True)),
+        jobs.c.run_at <= bindparam("now"),
+    ]
+    if filtered:
+        conditions.append(jobs.c.task.in_(bindparam("tasks", expanding=True)))
+    return (
+        select(jobs.c.id)
+        .where(*conditions)
+        .order_by(jobs.c.priority.desc(), jobs.c.run_at)
+        .limit(bindparam("limit"))
+        .with_for_update(skip_locked=True)
+    )
+
+
+def _start(where: Any) -> Any:
+    """Lease the jobs ``where`` selects to ``:worker`` for one attempt."""
+    return (
+        update(jobs)
+        .where(where)
+        .values(
+            status="running",
+            attempts=jobs.c.attempts + 1,
+            lease_owner=bindparam("worker"),
+            lease_expires_at=bindparam("lease_until"),
+            started_at=bindparam("now"),
+        )
+        .returning(
+            jobs.c.id,
+            jobs.c.task,
+            jobs.c.queue,
+            jobs.c.payload,
+            jobs.c.attempts,
+            jobs.c.priority,
+            jobs.c.run_at,
+            jobs.c.limits,
+        )
+    )
+
+
+# The hot statements, built once: no per-call construction or cache-key work.
+_START_DUE = {f: _start(jobs.c.id.in_(_due(f).scalar_subquery())) for f in (False, True)}
+_CANDIDATES = {f: _due(f).add_columns(jobs.c.limits) for f in (False, True)}
+_START_BY_ID = _start(jobs.c.id.in_(bindparam("ids", expanding=True)))
+_HOLD_SLOTS = (
+    update(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True))).values(slots_held=1)
+)
+_HELD = (
+    select(jobs.c.id, jobs.c.attempts, jobs.c.limits, jobs.c.slots_held)
+    .where(
+        jobs.c.id.in_(bindparam("ids", expanding=True)),
+        IS_RUNNING,
+        jobs.c.lease_owner == bindparam("worker"),
+    )
+    .with_for_update()
+)
+_SETTLE = (
+    update(jobs)
+    .where(
+        jobs.c.id == bindparam("b_id"),
+        jobs.c.attempts == bindparam("b_attempt"),
+        jobs.c.lease_owner == bindparam("worker"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        attempts=bindparam("b_attempts"),
+        result=bindparam("b_result"),
+        error=bindparam("b_error"),
+        run_at=bindparam("b_run_at"),
+        finished_at=bindparam("b_finished_at"),
+        lease_owner=None,
+        lease_expires_at=None,
+        slots_held=0,
+    )
+)
+_INSERT_JOB = jobs.insert()
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +277,7 @@ class Store:
                 if pending is not None:
                     return EnqueueResult(pending, False, None, rates)
             connection.execute(
-                jobs.insert(),
+                _INSERT_JOB,
                 {
                     "id": job.id,
                     "task": job.task,
@@ -238,26 +319,21 @@ class Store:
         the claim is a single statement.
         """
         claimed: list[ClaimedJob] = []
+        params: dict[str, Any] = {
+            "queues": list(queues),
+            "now": now,
+            "limit": limit,
+            "worker": worker_id,
+            "lease_until": now + lease_seconds,
+        }
+        if tasks is not None:
+            params["tasks"] = list(tasks)
         with self._write() as connection:
             discarded = self._settle(connection, worker_id, finished) if finished else []
             if limit > 0:
-                due = (
-                    select(jobs.c.id)
-                    .where(
-                        IS_DUE,
-                        jobs.c.queue.in_(queues),
-                        jobs.c.run_at <= now,
-                        *([jobs.c.task.in_(tasks)] if tasks is not None else []),
-                    )
-                    .order_by(jobs.c.priority.desc(), jobs.c.run_at)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
-                holding: list[str] = []
-                full: list[str] = []
-                chosen: Any = due.scalar_subquery()
+                filtered = tasks is not None
                 if limited:
-                    candidates = connection.execute(due.add_columns(jobs.c.limits)).all()
+                    candidates = connection.execute(_CANDIDATES[filtered], params).all()
                     decision = flow.admit_limited(
                         connection,
                         self.dialect,
@@ -265,51 +341,19 @@ class Store:
                         [(r.id, json.loads(r.limits)) for r in candidates if r.limits],
                         now,
                     )
-                    chosen = [r.id for r in candidates if not r.limits] + decision.granted
-                    holding = decision.holding_slots
-                    full = decision.parked_scopes
-                rows = list(
-                    connection.execute(
-                        update(jobs)
-                        .where(jobs.c.id.in_(chosen))
-                        .values(
-                            status="running",
-                            attempts=jobs.c.attempts + 1,
-                            lease_owner=worker_id,
-                            lease_expires_at=now + lease_seconds,
-                            started_at=now,
-                        )
-                        .returning(
-                            jobs.c.id,
-                            jobs.c.task,
-                            jobs.c.queue,
-                            jobs.c.payload,
-                            jobs.c.attempts,
-                            jobs.c.priority,
-                            jobs.c.run_at,
-                            jobs.c.limits,
-                        )
-                    )
-                )
-                if holding:
-                    connection.execute(
-                        update(jobs).where(jobs.c.id.in_(holding)).values(slots_held=1)
-                    )
-                for scope in full:
-                    flow.park(connection, scope)
-                rows.sort(key=lambda row: (-row.priority, row.run_at))
+                    params["ids"] = [r.id for r in candidates if not r.limits] + decision.granted
+                    rows = connection.execute(_START_BY_ID, params).all()
+                    if decision.holding_slots:
+                        connection.execute(_HOLD_SLOTS, {"ids": decision.holding_slots})
+                    for scope in decision.parked_scopes:
+                        flow.park(connection, scope)
+                else:
+                    rows = connection.execute(_START_DUE[filtered], params).all()
                 claimed = [
                     ClaimedJob(
-                        row.id,
-                        row.task,
-                        row.queue,
-                        row.payload,
-                        row.attempts,
-                        now,
-                        worker_id,
-                        row.limits,
+                        r.id, r.task, r.queue, r.payload, r.attempts, now, worker_id, r.limits
                     )
-                    for row in rows
+                    for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
                 ]
         if finished:
             self._notify_changed()
@@ -330,40 +374,19 @@ class Store:
         held = {
             (row.id, row.attempts): row
             for row in connection.execute(
-                select(jobs.c.id, jobs.c.attempts, jobs.c.limits, jobs.c.slots_held)
-                .where(
-                    jobs.c.id.in_([outcome.job_id for outcome in finished]),
-                    IS_RUNNING,
-                    jobs.c.lease_owner == worker_id,
-                )
-                .with_for_update()
+                _HELD, {"ids": [o.job_id for o in finished], "worker": worker_id}
             )
         }
         applied = [o for o in finished if (o.job_id, o.attempt) in held]
         discarded = [o.job_id for o in finished if (o.job_id, o.attempt) not in held]
         if applied:
             connection.execute(
-                update(jobs)
-                .where(
-                    jobs.c.id == bindparam("b_id"),
-                    jobs.c.attempts == bindparam("b_attempt"),
-                    jobs.c.lease_owner == worker_id,
-                )
-                .values(
-                    status=bindparam("b_status"),
-                    attempts=bindparam("b_attempts"),
-                    result=bindparam("b_result"),
-                    error=bindparam("b_error"),
-                    run_at=bindparam("b_run_at"),
-                    finished_at=bindparam("b_finished_at"),
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    slots_held=0,
-                ),
+                _SETTLE,
                 [
                     {
                         "b_id": o.job_id,
                         "b_attempt": o.attempt,
+                        "worker": worker_id,
                         "b_status": o.status,
                         # A sleep is not an attempt: the resumed one keeps its number.
                         "b_attempts": o.attempt - 1 if o.status == "sleeping" else o.attempt,
