@@ -197,6 +197,23 @@ class Store:
             raise StoreError(f"database write failed: {exc.orig}") from exc
 
     @contextmanager
+    def _single_statement(self) -> Iterator[Connection]:
+        """A connection in autocommit mode, for a write that is one statement: atomic
+        on its own, and one round trip (no BEGIN, no COMMIT) instead of three."""
+        # SQLite: the driver already runs in autocommit mode; the option only keeps the
+        # "begin" hook from opening a transaction. PostgreSQL: psycopg's autocommit.
+        options = (
+            {"reliable_autocommit": True}
+            if self.dialect == "sqlite"
+            else {"isolation_level": "AUTOCOMMIT"}
+        )
+        try:
+            with self.engine.connect() as connection:
+                yield connection.execution_options(**options)
+        except DBAPIError as exc:
+            raise StoreError(f"database write failed: {exc.orig}") from exc
+
+    @contextmanager
     def _read(self) -> Iterator[Connection]:
         try:
             with self.engine.connect() as connection:
@@ -245,6 +262,11 @@ class Store:
         When an unexpired key already names a job, nothing is written and that job's id
         is returned with ``created=False`` and the fingerprint it was stored with.
         """
+        if idempotency is None and not (job.rate_limits or job.debounce or job.scopes):
+            with self._single_statement() as connection:
+                connection.execute(_INSERT_JOB, self._job_values(job, job.run_at))
+            self._wake()
+            return EnqueueResult(job.id, True)
         with self._write() as connection:
             if idempotency is not None:
                 stmt = self._insert(idempotency_keys).values(
@@ -276,26 +298,28 @@ class Store:
                 pending = flow.collapse(connection, self._insert, job, job.debounce, now)
                 if pending is not None:
                     return EnqueueResult(pending, False, None, rates)
-            connection.execute(
-                _INSERT_JOB,
-                {
-                    "id": job.id,
-                    "task": job.task,
-                    "queue": job.queue,
-                    "priority": job.priority,
-                    "status": "queued",
-                    "payload": job.payload,
-                    "attempts": 0,
-                    "run_at": job.run_at + (job.debounce.window if job.debounce else 0.0),
-                    "created_at": job.created_at,
-                    "idempotency_key": job.idempotency_key,
-                    "limits": job.limits,
-                },
-            )
+            run_at = job.run_at + (job.debounce.window if job.debounce else 0.0)
+            connection.execute(_INSERT_JOB, self._job_values(job, run_at))
             flow.insert_scopes(connection, job)
         self._wake()
         fingerprint = idempotency.fingerprint if idempotency else None
         return EnqueueResult(job.id, True, fingerprint, rates)
+
+    @staticmethod
+    def _job_values(job: NewJob, run_at: float) -> dict[str, Any]:
+        return {
+            "id": job.id,
+            "task": job.task,
+            "queue": job.queue,
+            "priority": job.priority,
+            "status": "queued",
+            "payload": job.payload,
+            "attempts": 0,
+            "run_at": run_at,
+            "created_at": job.created_at,
+            "idempotency_key": job.idempotency_key,
+            "limits": job.limits,
+        }
 
     # -- claim and settle ---------------------------------------------------------------
 

@@ -44,8 +44,11 @@ def make_engine(url: URL, *, synchronous: str, pool_size: int) -> Engine:
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
         # Straight to the driver: this runs for every transaction, on the hot paths.
-        read = connection.get_execution_options().get("reliable_read")
-        connection.connection.driver_connection.execute("BEGIN" if read else "BEGIN IMMEDIATE")
+        options = connection.get_execution_options()
+        if options.get("reliable_autocommit"):
+            return  # one statement, its own transaction
+        begin = "BEGIN" if options.get("reliable_read") else "BEGIN IMMEDIATE"
+        connection.connection.driver_connection.execute(begin)
 
     return engine
 
