@@ -239,8 +239,11 @@ class Worker:
                             del self._running[job_id]
                             unstarted.append((job_id, running.job.attempt))
                 wanted = 0
+                # Settling may free slots, unpark waiting jobs or make a retry due, so a
+                # round that settles anything also claims into the free capacity.
                 if not self._stopping and (
                     self._wanted
+                    or finished
                     or now >= next_poll
                     or (self._next_due is not None and now >= self._next_due)
                 ):
