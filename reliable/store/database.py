@@ -369,8 +369,7 @@ class Store:
                     rows = connection.execute(_START_BY_ID, params).all()
                     if decision.holding_slots:
                         connection.execute(_HOLD_SLOTS, {"ids": decision.holding_slots})
-                    for scope in decision.parked_scopes:
-                        flow.park(connection, scope)
+                    flow.park(connection, decision)
                 else:
                     rows = connection.execute(_START_DUE[filtered], params).all()
                 claimed = [
@@ -448,7 +447,7 @@ class Store:
             flow.forget_scopes(
                 connection,
                 [
-                    o.job_id
+                    (o.job_id, r.limits)
                     for o, r in zip(applied, rows, strict=True)
                     if r.limits and o.status in TERMINAL
                 ],
@@ -625,8 +624,7 @@ class Store:
             )
             if row.slots_held:  # a running attempt gives its slots back now
                 flow.release_slots(connection, [row.limits])
-            if row.limits:
-                flow.forget_scopes(connection, [job_id])
+            flow.forget_scopes(connection, [(job_id, row.limits)])
         self._notify_changed()
         return True
 

@@ -35,8 +35,9 @@ class Admission:
 
     granted: list[str] = field(default_factory=list)
     holding_slots: list[str] = field(default_factory=list)
-    # Scopes found full: their waiting jobs are to be parked.
+    # Scopes found full, and the candidates they blocked: to be parked.
     parked_scopes: list[str] = field(default_factory=list)
+    blocked: list[tuple[str, str]] = field(default_factory=list)
     rescheduled: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -111,6 +112,7 @@ def admit_limited(
         blocked = [scope for scope in slots if in_use[scope] >= capacities[scope]]
         if blocked:
             full.add(blocked[0])
+            decision.blocked.append((job_id, blocked[0]))
             continue
         if limits.get("throttle"):
             scope = limits["throttle"][0]
@@ -159,31 +161,61 @@ def admit_limited(
     return decision
 
 
-def park(connection: Connection, scope: str) -> None:
-    """Move every waiting job of a full ``scope`` off the claim path."""
-    connection.execute(
-        update(jobs)
-        .where(
-            jobs.c.id.in_(select(job_scopes.c.job_id).where(job_scopes.c.scope == scope)),
-            IS_DUE,
+_PARK_ONE = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("b_id"), IS_DUE)
+    .values(blocked_on=bindparam("b_scope"))
+)
+_PARK_ALL = (
+    update(jobs)
+    .where(
+        jobs.c.id.in_(
+            select(job_scopes.c.job_id).where(job_scopes.c.scope == bindparam("b_scope"))
+        ),
+        IS_DUE,
+    )
+    .values(blocked_on=bindparam("b_scope"))
+)
+_UNPARK = (
+    update(jobs)
+    .where(
+        jobs.c.id.in_(
+            select(jobs.c.id)
+            .where(jobs.c.blocked_on == bindparam("b_scope"))
+            .order_by(jobs.c.priority.desc(), jobs.c.run_at)
+            .limit(bindparam("b_count"))
+            .scalar_subquery()
         )
-        .values(blocked_on=scope)
     )
+    .values(blocked_on=None)
+)
+_LEFT = concurrency.c.in_use - bindparam("b_count")
+_RELEASE = {
+    "sqlite": update(concurrency)
+    .where(concurrency.c.scope == bindparam("b_scope"))
+    .values(in_use=func.max(_LEFT, 0)),
+    "postgresql": update(concurrency)
+    .where(concurrency.c.scope == bindparam("b_scope"))
+    .values(in_use=func.greatest(_LEFT, 0)),
+}
 
 
-def unpark(connection: Connection, scope: str, count: int) -> None:
-    """Return the next ``count`` parked jobs of ``scope`` to the claim path."""
-    if count <= 0:
-        return
-    following = (
-        select(jobs.c.id)
-        .where(jobs.c.blocked_on == scope)
-        .order_by(jobs.c.priority.desc(), jobs.c.run_at)
-        .limit(count)
-    )
-    connection.execute(
-        update(jobs).where(jobs.c.id.in_(following.scalar_subquery())).values(blocked_on=None)
-    )
+def park(connection: Connection, decision: Admission) -> None:
+    """Move jobs of full scopes off the claim path (after the granted ones started).
+
+    The blocked candidates go one by one; when a whole round was blocked (a saturated
+    key at the head of the queue), every waiting job of those scopes goes at once.
+    """
+    if decision.parked_scopes and not decision.granted:
+        connection.execute(_PARK_ALL, [{"b_scope": s} for s in decision.parked_scopes])
+    elif decision.blocked:
+        connection.execute(_PARK_ONE, [{"b_id": i, "b_scope": s} for i, s in decision.blocked])
+
+
+def unpark(connection: Connection, freed: dict[str, int]) -> None:
+    """Return the next parked jobs of each scope, as many as slots were freed."""
+    if freed:
+        connection.execute(_UNPARK, [{"b_scope": s, "b_count": n} for s, n in freed.items()])
 
 
 def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
@@ -194,22 +226,31 @@ def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
             continue
         for scope, _ in json.loads(document).get("concurrency", ()):
             freed[scope] = freed.get(scope, 0) + 1
-    for scope in sorted(freed):  # one lock order for every transaction: no deadlocks
-        connection.execute(
-            update(concurrency)
-            .where(concurrency.c.scope == scope)
-            .values(in_use=func.max(concurrency.c.in_use - freed[scope], 0))
-            if connection.dialect.name == "sqlite"
-            else update(concurrency)
-            .where(concurrency.c.scope == scope)
-            .values(in_use=func.greatest(concurrency.c.in_use - freed[scope], 0))
-        )
-        unpark(connection, scope, freed[scope])
+    if not freed:
+        return
+    ordered = dict(sorted(freed.items()))  # one lock order for every transaction
+    connection.execute(
+        _RELEASE[connection.dialect.name],
+        [{"b_scope": s, "b_count": n} for s, n in ordered.items()],
+    )
+    unpark(connection, ordered)
 
 
-def forget_scopes(connection: Connection, job_ids: Sequence[str]) -> None:
-    if job_ids:
-        connection.execute(delete(job_scopes).where(job_scopes.c.job_id.in_(job_ids)))
+_FORGET = delete(job_scopes).where(
+    job_scopes.c.scope == bindparam("b_scope"), job_scopes.c.job_id == bindparam("b_id")
+)
+
+
+def forget_scopes(connection: Connection, finished: Sequence[tuple[str, str | None]]) -> None:
+    """Drop the scope rows of jobs that reached a terminal state: (job id, limits JSON)."""
+    pairs = [
+        {"b_scope": scope, "b_id": job_id}
+        for job_id, document in finished
+        if document
+        for scope, _ in json.loads(document).get("concurrency", ())
+    ]
+    if pairs:  # by primary key: (scope, job_id)
+        connection.execute(_FORGET, pairs)
 
 
 def sweep_parked(connection: Connection) -> int:
@@ -221,8 +262,7 @@ def sweep_parked(connection: Connection) -> int:
             concurrency.c.in_use < concurrency.c.capacity,
         )
     ).all()
-    for row in rows:
-        unpark(connection, row.scope, int(row.capacity) - int(row.in_use))
+    unpark(connection, {row.scope: int(row.capacity) - int(row.in_use) for row in rows})
     return len(rows)
 
 
