@@ -205,10 +205,11 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> None:
+def write_docs(section: str, marker: str = "bench.flow") -> None:
+    """Put ``section`` into docs/benchmarks.md between its ``marker`` comments."""
     path = ROOT / "docs" / "benchmarks.md"
     text_ = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = "<!-- bench.flow:begin", "<!-- bench.flow:end -->"
+    begin, end = f"<!-- {marker}:begin", f"<!-- {marker}:end -->"
     if begin in text_:
         head, _, rest = text_.partition(begin)
         tail = rest.partition(end)[2].lstrip("\n")

@@ -639,6 +639,9 @@ class Store:
     ) -> bool:
         """Save a step (and, for an event wait, the wait) while the attempt holds its
         lease; return false, writing nothing, when it does not."""
+        if wait is None:  # the common case: one statement, one round trip
+            with self._single_statement() as connection:
+                return steps.save_fenced(connection, self._insert, row, attempt, worker_id)
         with self._write() as connection:
             if not steps.holds_lease(connection, row.job_id, attempt, worker_id):
                 return False

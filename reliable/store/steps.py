@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, update
+from sqlalchemy import Connection, delete, literal, select, update
 
 from .schema import IS_RUNNING, events, jobs, steps, waits
 
@@ -82,6 +82,44 @@ def save(connection: Connection, insert: Any, row: StepRow) -> None:
             where=steps.c.status != "succeeded",
         )
     )
+
+
+def save_fenced(
+    connection: Connection, insert: Any, row: StepRow, attempt: int, worker_id: str
+) -> bool:
+    """``save`` and the lease check in one statement (so it can run in autocommit):
+    the row is written only while the attempt holds the lease. Returns whether it was."""
+    holder = (
+        select(jobs.c.id)
+        .where(
+            jobs.c.id == row.job_id,
+            IS_RUNNING,
+            jobs.c.attempts == attempt,
+            jobs.c.lease_owner == worker_id,
+        )
+        .exists()
+    )
+    values = {
+        "job_id": row.job_id,
+        "name": row.name,
+        "position": row.position,
+        "status": row.status,
+        "attempts": row.attempts,
+        "result": row.result,
+        "error": row.error,
+        "started_at": row.started_at,
+        "finished_at": row.finished_at,
+    }
+    source = select(*(literal(v, steps.c[k].type).label(k) for k, v in values.items())).where(
+        holder
+    )
+    stmt = insert(steps).from_select(list(values), source)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[steps.c.job_id, steps.c.name],
+        set_={k: stmt.excluded[k] for k in values if k not in ("job_id", "name")},
+        where=steps.c.status != "succeeded",
+    )
+    return bool(connection.execute(stmt).rowcount)
 
 
 def get_wait(connection: Connection, job_id: str, step: str) -> WaitRow | None:
