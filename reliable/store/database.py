@@ -177,6 +177,7 @@ class Store:
             self.engine = postgres.make_engine(self.url, pool_size=pool_size)
             self._insert = postgres.insert
         self._changed = threading.Condition()
+        self._rotation = 0
         self._wakers: list[Callable[[], None]] = []
         try:
             ensure_schema(self.engine, auto=auto_migrate)
@@ -371,7 +372,17 @@ class Store:
                         connection.execute(_HOLD_SLOTS, {"ids": decision.holding_slots})
                     flow.park(connection, decision)
                 else:
-                    rows = connection.execute(_START_DUE[filtered], params).all()
+                    # One queue per statement: with a single queue the due index
+                    # yields jobs already in order; ``queue IN (a, b)`` sorts them all.
+                    # The first queue asked rotates, so no queue's backlog starves another.
+                    self._rotation = (self._rotation + 1) % max(len(queues), 1)
+                    rows = []
+                    for name in [*queues[self._rotation :], *queues[: self._rotation]]:
+                        wanted = limit - len(rows)
+                        if wanted <= 0:
+                            break
+                        one = {**params, "queues": [name], "limit": wanted}
+                        rows += connection.execute(_START_DUE[filtered], one).all()
                 claimed = [
                     ClaimedJob(
                         r.id, r.task, r.queue, r.payload, r.attempts, now, worker_id, r.limits
