@@ -8,131 +8,33 @@ database.
 from __future__ import annotations
 
 import json
-import os
-import queue
 import signal
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
 from sqlalchemy import text
+from support import (
+    Processes,
+    jobs_table,
+    leases_of,
+    query,
+    registered_pids,
+    task,
+    wait_until,
+)
 
-from reliable import JobTimeout, Reliable, Task
+from reliable import JobTimeout, Reliable
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.apps.worker_app:rel"
-LEASE_SECONDS = 2.0
-
-
-def wait_until(
-    condition: Callable[[], bool], timeout: float, what: str, logs: Callable[[], str]
-) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}\n{logs()}")
-        time.sleep(0.02)
-
-
-class LineReader:
-    """Lines a child prints, read by a thread so that waiting for one has a deadline."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self.thread.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        with stream:
-            for line in stream:
-                self.lines.put(line.rstrip("\n"))
-
-    def next(self, timeout: float, logs: Callable[[], str]) -> str:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"no line from a producer within {timeout:g}s\n{logs()}")
-
-
-class Processes:
-    """Child processes of one test, their stderr kept in files; all killed at the end."""
-
-    def __init__(self, directory: Path, database_url: str) -> None:
-        self.directory = directory
-        self.database_url = database_url
-        self.started: list[subprocess.Popen[str]] = []
-        self.readers: list[LineReader] = []
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELIABLE_")}
-        env.update(
-            RELIABLE_DATABASE_URL=self.database_url,
-            RELIABLE_LEASE_SECONDS=str(LEASE_SECONDS),
-            RELIABLE_POLL_INTERVAL="0.2",
-            **extra,
-        )
-        return env
-
-    def start(
-        self, args: list[str], *, stdin: int | None = None, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[str]:
-        log = (self.directory / f"process-{len(self.started)}.log").open("w")
-        with log:
-            process = subprocess.Popen(
-                [sys.executable, *args],
-                cwd=REPO_ROOT,
-                env=self.env(**(env or {})),
-                stdin=stdin,
-                stdout=subprocess.PIPE if stdin is not None else log,
-                stderr=log,
-                text=True,
-            )
-        self.started.append(process)
-        return process
-
-    def producer(self) -> tuple[subprocess.Popen[str], LineReader]:
-        """The test application run as a producer: keys in on stdin, jobs out on stdout."""
-        process = self.start(["-m", "tests.apps.worker_app"], stdin=subprocess.PIPE)
-        assert process.stdout is not None
-        reader = LineReader(process.stdout)
-        self.readers.append(reader)
-        return process, reader
-
-    def worker(self, *options: str, **env: str) -> subprocess.Popen[str]:
-        """``reliable worker`` on the test application."""
-        return self.start(["-m", "reliable.cli", "worker", APP, *options], env=env)
-
-    def logs(self) -> str:
-        parts = []
-        for index, process in enumerate(self.started):
-            tail = (self.directory / f"process-{index}.log").read_text()[-3000:]
-            parts.append(f"--- process {process.pid} (exit {process.poll()}):\n{tail}")
-        return "\n".join(parts)
-
-    def close(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-            if process.stdin is not None:
-                process.stdin.close()
-        for reader in self.readers:
-            reader.thread.join(timeout=10)  # it closes the stream at end of file
 
 
 @pytest.fixture
 def processes(tmp_path: Path, db_url: str) -> Iterator[Processes]:
-    started = Processes(tmp_path, db_url)
-    try:
+    with Processes(tmp_path, db_url, app=APP) as started:
         yield started
-    finally:
-        started.close()
 
 
 @pytest.fixture
@@ -163,13 +65,6 @@ def drop_side_effects(app: Reliable) -> None:
         connection.execute(text("DROP TABLE IF EXISTS side_effects"))
 
 
-def query(app: Reliable, sql: str, **params: Any) -> list[Any]:
-    with app.store.engine.connect() as connection:
-        rows = list(connection.execute(text(sql), params))
-        connection.rollback()
-    return rows
-
-
 def side_effects(app: Reliable) -> dict[str, tuple[int, int]]:
     """Job id -> (n, pid) of every side effect so far (none before a task made the table)."""
     with app.store.engine.connect() as connection:
@@ -178,46 +73,6 @@ def side_effects(app: Reliable) -> dict[str, tuple[int, int]]:
             rows = list(connection.execute(text("SELECT job_id, n, pid FROM side_effects")))
         connection.rollback()
     return {row.job_id: (row.n, row.pid) for row in rows}
-
-
-def leases_of(app: Reliable, pid: int) -> list[str]:
-    """Ids of the jobs a worker process with ``pid`` is running (its id holds the pid)."""
-    rows = query(
-        app,
-        "SELECT id FROM reliable_jobs WHERE status = 'running' AND lease_owner LIKE :owner",
-        owner=f"%:{pid}:%",
-    )
-    return [row.id for row in rows]
-
-
-def jobs_table(app: Reliable) -> str:
-    """The jobs, for a failure message."""
-    rows = query(
-        app,
-        "SELECT id, status, attempts, lease_owner, lease_expires_at, run_at FROM reliable_jobs "
-        "ORDER BY created_at",
-    )
-    now = time.time()
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row.status] = counts.get(row.status, 0) + 1
-    lines = [f"jobs at {now:.3f}: {counts}"]
-    lines += [
-        f"{r.id} {r.status} attempts={r.attempts} owner={r.lease_owner} "
-        f"expires_in={None if r.lease_expires_at is None else round(r.lease_expires_at - now, 2)}"
-        f" due_in={r.run_at - now:.2f}"
-        for r in rows
-        if r.status != "succeeded"
-    ]
-    return "\n".join(lines)
-
-
-def registered_pids(app: Reliable) -> set[int]:
-    return {row.pid for row in query(app, "SELECT pid FROM reliable_workers")}
-
-
-def task(app: Reliable, name: str) -> Task[Any, Any]:
-    return app.tasks[name]
 
 
 @pytest.mark.slow

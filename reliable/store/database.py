@@ -10,7 +10,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, bindparam, func, select, text, update
@@ -294,7 +294,9 @@ class Store:
                         )
                     ).one()
                     return EnqueueResult(existing.job_id, False, existing.fingerprint)
-            rates = flow.admit_rates(connection, self._insert, job, now)
+            rates, admitted = flow.admit_rates(connection, self._insert, job, now)
+            if admitted > job.created_at:  # it waited behind a later admission
+                job = replace(job, created_at=admitted, run_at=max(job.run_at, admitted))
             if job.debounce is not None:
                 pending = flow.collapse(connection, self._insert, job, job.debounce, now)
                 if pending is not None:

@@ -275,9 +275,14 @@ def insert_scopes(connection: Connection, job: NewJob) -> None:
 
 def admit_rates(
     connection: Connection, insert: Any, job: NewJob, now: float
-) -> tuple[RateState, ...]:
-    """Admit ``job`` under each of its rate limits, or raise ``RateLimited`` (nothing kept)."""
+) -> tuple[tuple[RateState, ...], float]:
+    """Admit ``job`` under each of its rate limits, or raise ``RateLimited`` (nothing kept).
+
+    Returns the limits' states and the admission time: ``now``, or the scope's latest
+    admission if that is later (admissions of a scope are ordered by its lock).
+    """
     states: list[RateState] = []
+    admitted = now
     for check in job.rate_limits:
         # Upserting the scope's row locks it until commit: admissions of one scope
         # are decided one at a time, so the window count is exact.
@@ -290,7 +295,14 @@ def admit_rates(
                 set_={"limit": stmt.excluded.limit, "period_seconds": stmt.excluded.period_seconds},
             )
         )
-        start = now - check.period
+        # Admissions of a scope are serialized by that lock, so their times must be too:
+        # one that waited for the lock counts from the latest admission, not from the
+        # moment it arrived (which a later admission's pruning may have moved past).
+        latest = connection.execute(
+            select(func.max(rate_events.c.admitted_at)).where(rate_events.c.scope == check.scope)
+        ).scalar()
+        at = max(now, float(latest)) if latest is not None else now
+        start = at - check.period
         connection.execute(
             delete(rate_events).where(
                 rate_events.c.scope == check.scope, rate_events.c.admitted_at <= start
@@ -303,20 +315,21 @@ def admit_rates(
         ).one()
         count = int(count)
         if count >= check.limit:
-            retry_after = max(0.0, float(oldest) + check.period - now)
+            retry_after = max(0.0, float(oldest) + check.period - at)
             raise RateLimited(
                 f"rate limit {check.limit} per {check.period:g}s reached for {check.scope!r}",
                 retry_after,
                 state=RateState(check.scope, check.limit, check.period, 0, retry_after),
             )
         connection.execute(
-            rate_events.insert().values(scope=check.scope, job_id=job.id, admitted_at=now)
+            rate_events.insert().values(scope=check.scope, job_id=job.id, admitted_at=at)
         )
-        reset = (float(oldest) if oldest is not None else now) + check.period - now
+        admitted = max(admitted, at)
+        reset = (float(oldest) if oldest is not None else at) + check.period - at
         states.append(
             RateState(check.scope, check.limit, check.period, check.limit - count - 1, reset)
         )
-    return tuple(states)
+    return tuple(states), admitted
 
 
 def collapse(
