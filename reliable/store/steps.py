@@ -8,7 +8,7 @@ taken over) cannot record a step the new attempt does not know about.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import Connection, delete, literal, select, update
@@ -63,17 +63,7 @@ def load(connection: Connection, job_id: str) -> dict[str, StepRow]:
 
 def save(connection: Connection, insert: Any, row: StepRow) -> None:
     """Record a step; a step that already succeeded is never overwritten."""
-    values = {
-        "job_id": row.job_id,
-        "name": row.name,
-        "position": row.position,
-        "status": row.status,
-        "attempts": row.attempts,
-        "result": row.result,
-        "error": row.error,
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
-    }
+    values = asdict(row)
     stmt = insert(steps).values(**values)
     connection.execute(
         stmt.on_conflict_do_update(
@@ -99,17 +89,7 @@ def save_fenced(
         )
         .exists()
     )
-    values = {
-        "job_id": row.job_id,
-        "name": row.name,
-        "position": row.position,
-        "status": row.status,
-        "attempts": row.attempts,
-        "result": row.result,
-        "error": row.error,
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
-    }
+    values = asdict(row)
     source = select(*(literal(v, steps.c[k].type).label(k) for k, v in values.items())).where(
         holder
     )
