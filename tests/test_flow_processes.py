@@ -163,7 +163,7 @@ def test_a_global_cap_of_two_is_reached_and_never_exceeded_by_three_processes(
     client: Reliable, processes: Processes, spans_dir: Path
 ) -> None:
     """``concurrency=2`` across 3 worker processes x 4 threads: at some instant exactly 2
-    attempts run (the cap is used), never 3; and the jobs ran in several processes."""
+    attempts run (the cap is used), never 3; and at times the 2 ran in two processes."""
     start_workers(
         processes, client, 3, RELIABLE_LEASE_SECONDS=CALM_LEASE, FLOW_APP_SPANS=str(spans_dir)
     )
@@ -184,7 +184,8 @@ def test_a_per_key_cap_of_two_is_reached_and_never_exceeded_for_each_of_three_ke
     client: Reliable, processes: Processes, spans_dir: Path
 ) -> None:
     """``Concurrency(2, key="arg:tenant")`` with 3 tenants across 3 worker processes x 4
-    threads: for each tenant exactly 2 attempts run at some instant, never 3."""
+    threads: for each tenant exactly 2 attempts run at some instant, never 3 (the
+    tenants' counts independent of one another, and shared between processes)."""
     start_workers(
         processes, client, 3, RELIABLE_LEASE_SECONDS=CALM_LEASE, FLOW_APP_SPANS=str(spans_dir)
     )

@@ -282,7 +282,7 @@ def admit_rates(
     admission if that is later (admissions of a scope are ordered by its lock).
     """
     states: list[RateState] = []
-    admitted = now
+    at = now
     for check in job.rate_limits:
         # Upserting the scope's row locks it until commit: admissions of one scope
         # are decided one at a time, so the window count is exact.
@@ -295,13 +295,15 @@ def admit_rates(
                 set_={"limit": stmt.excluded.limit, "period_seconds": stmt.excluded.period_seconds},
             )
         )
-        # Admissions of a scope are serialized by that lock, so their times must be too:
-        # one that waited for the lock counts from the latest admission, not from the
-        # moment it arrived (which a later admission's pruning may have moved past).
+        # Admissions of a scope are ordered by that lock, so their times must be too: one
+        # that waited behind a later admission is admitted as of that one (whose pruning
+        # may have moved past the moment it arrived). One time for all of the job's scopes.
         latest = connection.execute(
             select(func.max(rate_events.c.admitted_at)).where(rate_events.c.scope == check.scope)
         ).scalar()
-        at = max(now, float(latest)) if latest is not None else now
+        if latest is not None:
+            at = max(at, float(latest))
+    for check in job.rate_limits:
         start = at - check.period
         connection.execute(
             delete(rate_events).where(
@@ -324,12 +326,11 @@ def admit_rates(
         connection.execute(
             rate_events.insert().values(scope=check.scope, job_id=job.id, admitted_at=at)
         )
-        admitted = max(admitted, at)
         reset = (float(oldest) if oldest is not None else at) + check.period - at
         states.append(
             RateState(check.scope, check.limit, check.period, check.limit - count - 1, reset)
         )
-    return tuple(states), admitted
+    return tuple(states), at
 
 
 def collapse(

@@ -7,6 +7,8 @@ from ``RELIABLE_DATABASE_URL``.
   ``start`` and ``end`` lines (task, key, job id, attempt, ``time.time()``) to
   ``<pid>.log`` in the folder ``FLOW_APP_SPANS``; one ``os.write`` of a short line to a
   file opened with ``O_APPEND`` is atomic, so a killed process leaves whole lines.
+  ``capped`` can wait for a file (``gate=``) first, so a test can kill its worker
+  while it holds both slots.
 - ``limited``: a rate-limited task, enqueued by this module run as a producer.
 - ``three_steps``, ``sleeper``, ``waiter``: durable steps, ``sleep``,
   ``wait_for_event``. Every execution of a step's function adds a row to
@@ -88,6 +90,7 @@ def write_span(event: str, key: str) -> None:
 
 
 def run_span(key: str, seconds: float, gate: str = "") -> None:
+    """The body of a capped attempt: recorded from its start to its end."""
     write_span("start", key)
     wait_for_file(Path(gate) if gate else None)
     time.sleep(seconds)
@@ -95,6 +98,7 @@ def run_span(key: str, seconds: float, gate: str = "") -> None:
 
 
 def wait_for_file(path: Path | None) -> None:
+    """Wait until ``path`` exists, at most ``GATE_SECONDS`` (``None``: do not wait)."""
     deadline = time.monotonic() + GATE_SECONDS
     while path is not None and not path.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
