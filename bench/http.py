@@ -1,8 +1,8 @@
 """An offloaded route under a real server, beside a plain route that INSERTs one row.
 
-For Flask (gunicorn, gthread workers) and Starlette (uvicorn), each with the same number
-of server processes, on SQLite (a file in a temporary directory) and on PostgreSQL, in
-one run: requests per second and p50/p99 latency of
+For Flask and Starlette, each in the same number of server processes (``--workers``,
+default 2), on SQLite (a file in a temporary directory) and on PostgreSQL, in one run:
+requests per second and p50/p99 latency of
 
 - ``POST /offload/orders/<id>``: ``@rel.offload``, answered 202 once its job is
   committed; ``RELIABLE_EMBEDDED_WORKER=0``, so no worker competes and the jobs just
@@ -13,6 +13,13 @@ one run: requests per second and p50/p99 latency of
 
 and the ratio offloaded / plain (the aim: at least 0.8). Both routes take the same
 small JSON body. The apps are in ``bench/http_apps.py``.
+
+Flask runs under gunicorn with N gthread workers, each accepting no more than its share
+of the connections (``--worker-connections``), so that no worker idles. Starlette runs
+as N uvicorn processes, one port each, with the connections split evenly: ``uvicorn
+--workers N`` loses TCP_NODELAY on Linux (uvicorn issue 3149: every keep-alive request
+then waits ~40 ms for a delayed ACK) and lets one process accept a whole burst of new
+connections; ``--uvicorn-workers`` measures it anyway.
 
 The load comes from ``wrk`` when it is on the PATH, else from a small Python load
 generator (threads, one keep-alive ``http.client`` connection each); the output says
@@ -25,7 +32,9 @@ Run from the repository root::
     python -m bench.http            # full run: bench/results/http.json, docs/benchmarks.md
     python -m bench.http --quick    # short run: bench/results/http-quick.json only
 
-PostgreSQL comes from ``BENCH_HTTP_POSTGRES_URL`` (default: the local scratch database
+A full run of only some cases (``--frameworks``, ``--backends``, ``--uvicorn-workers``)
+writes bench/results/http-partial.json and leaves the docs alone. PostgreSQL comes from
+``BENCH_HTTP_POSTGRES_URL`` (default: the local scratch database
 ``reliable_bench_http``). That database is dropped and created again for every case:
 never point it at a database whose data matters.
 """
@@ -1085,10 +1094,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average {report['machine']['load_average_before']} before,"
         f" {report['machine']['load_average_after']} after"
     )
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / ("http-quick.json" if args.quick else "http.json")
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    # Only a full run of every case in the default setup replaces http.json and the docs.
     complete = {"sqlite", "postgresql"} <= set(backends) and len(frameworks) == len(FRAMEWORKS)
+    complete = complete and not args.uvicorn_workers
+    name = "http-quick.json" if args.quick else "http.json" if complete else "http-partial.json"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / name
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}", file=sys.stderr)
     if not args.quick and complete:
         write_docs(render_markdown(report, rows))
     return 0
