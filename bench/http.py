@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import http.client
 import json
 import math
@@ -478,7 +479,9 @@ class PostgresTarget(Target):
     def __init__(self, url: str) -> None:
         self.url = url
         parsed = make_url(url).set(drivername="postgresql+psycopg")
-        self.database = parsed.database or "reliable_bench_http"
+        self.database = parsed.database or ""
+        if self.database in ("", "postgres", "template0", "template1"):
+            raise BenchError(f"{POSTGRES_URL_ENV} must name a scratch database, not {url!r}")
         self.admin_url = parsed.set(database="postgres")
 
     def reset(self) -> None:
@@ -574,13 +577,13 @@ class Framework:
 FRAMEWORKS = {"flask": Framework("Flask"), "starlette": Framework("Starlette")}
 
 
+@functools.cache
 def gunicorn_has_control_socket() -> bool:
     """Whether this gunicorn opens a control socket (and so has ``--no-control-socket``)."""
-    try:
-        major = int(version("gunicorn").split(".")[0])
-    except (PackageNotFoundError, ValueError):
-        return False
-    return major >= 25
+    shown = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True, timeout=30
+    )
+    return "--no-control-socket" in shown.stdout
 
 
 def free_port() -> int:
@@ -796,6 +799,24 @@ def summarize(runs: Sequence[Run]) -> dict[str, Any]:
     }
 
 
+def run_and_look(
+    load: LoadGenerator,
+    ports: Sequence[int],
+    route: str,
+    seconds: int,
+    spread: dict[str, dict[str, int] | None],
+) -> Run:
+    """``load.run``, noting halfway through which process holds how many connections
+    (they are meant to be spread evenly)."""
+    look = threading.Timer(seconds / 2, lambda: spread.setdefault(route, connection_spread(ports)))
+    look.start()
+    try:
+        return load.run(ports, route, seconds)
+    finally:
+        look.cancel()
+        look.join()
+
+
 def measure_case(
     framework: Framework,
     target: Target,
@@ -809,28 +830,21 @@ def measure_case(
     log = workdir / f"server-{framework.name}-{target.name}.log"
     load_before = os.getloadavg()[0]
     runs: dict[str, list[Run]] = {route: [] for route in ROUTES}
-    answered = dict.fromkeys(ROUTES, 0)
     spread: dict[str, dict[str, int] | None] = {}
     per_round = max(1, plan.seconds // plan.rounds)
     with serve(framework, target.url, setup, log) as server:
         check_routes(server.ports)
-        answered = dict.fromkeys(ROUTES, len(server.ports))
+        answered = dict.fromkeys(ROUTES, len(server.ports))  # check_routes' requests
         for route in ROUTES:
             warm = load.run(server.ports, route, plan.warmup)
             answered[route] += warm.requests - warm.errors
         for round_index in range(plan.rounds):
             order = ROUTES if round_index % 2 == 0 else tuple(reversed(ROUTES))
             for route in order:
-                look = threading.Timer(
-                    per_round / 2,
-                    lambda route=route: spread.setdefault(route, connection_spread(server.ports)),
-                )
-                look.start()
-                try:
+                if round_index == 0:
+                    run = run_and_look(load, server.ports, route, per_round, spread)
+                else:
                     run = load.run(server.ports, route, per_round)
-                finally:
-                    look.cancel()
-                    look.join()
                 answered[route] += run.requests - run.errors
                 runs[route].append(run)
         processes = sum(len(pids) for pids in server.pids.values())
@@ -903,10 +917,6 @@ def render_markdown(report: dict[str, Any], rows: list[list[str]]) -> str:
     postgres_info = machine.get("PostgreSQL", {})
     plan = setup["plan"]
     errors = sum(case[route]["errors"] for case in report["cases"] for route in ROUTES)
-    loads = "; ".join(
-        f"{case['framework']} on {case['database']} {case['load_average'][0]}"
-        for case in report["cases"]
-    )
     lines = [
         BEGIN_MARK,
         "",
@@ -954,21 +964,22 @@ def render_markdown(report: dict[str, Any], rows: list[list[str]]) -> str:
         f" {postgres_info.get('server_version', '?')} on the same machine"
         f" (synchronous_commit={postgres_info.get('synchronous_commit', '?')}). One-minute"
         f" load average {machine['load_average_before']} before the run and"
-        f" {machine['load_average_after']} after it; at the start of each case: {loads}."
-        f" Errors: {errors}.",
+        f" {machine['load_average_after']} after it, most of which is the benchmark's own"
+        " servers, database sessions and load generator keeping both cores busy. Errors:"
+        f" {errors}. The ratio is of requests per second.",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|---|---|--:|--:|--:|--:|--:|---|",
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
-        "What bounds these figures. SQLite has one writer at a time: both routes' commits"
-        " queue on its write lock, and a writer that finds it taken sleeps in SQLite's busy"
-        " handler (1, 2, 5 ... 100 ms) before trying again, which is where the long p99"
-        " latencies come from. On PostgreSQL, reliable's insert trigger sends `NOTIFY` so"
-        " that idle workers start a new job at once; a transaction that notifies holds a"
-        " database-wide lock from its commit until its commit record is flushed, so the"
-        " offloaded route's commits take turns at the disk where the plain route's share"
-        " their flushes.",
+        "What bounds these figures, on the machine measured here. SQLite has one writer at"
+        " a time: both routes' commits queue on its write lock, and a writer that finds it"
+        " taken sleeps in SQLite's busy handler (1, 2, 5 ... 100 ms) before it tries again,"
+        " which is where the long p99 latencies come from. The offloaded route's job is one"
+        " autocommitted INSERT, which holds that lock for one statement; the plain route"
+        " holds it from `BEGIN IMMEDIATE` to `COMMIT`, across Python code. On PostgreSQL the"
+        " database sessions mostly wait for the application's next statement: both routes"
+        " are bound by the CPU left to the Python server processes.",
         "",
         END_MARK,
     ]
