@@ -8,6 +8,7 @@ of running attempts, requeues attempts whose worker died, and enforces timeouts.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -35,6 +36,24 @@ log = logging.getLogger("reliable.worker")
 # Short jobs are claimed ahead of idle threads, so one transaction serves many of them.
 PREFETCH_PER_THREAD = 8
 SHORT_JOB_SECONDS = 0.05
+# Riders: jobs of a full concurrency group this worker holds slots of, claimed to run
+# one after another under those slots, each taking over when the last one ends. How
+# many may wait per slot held (short jobs only).
+RIDERS_PER_SLOT = PREFETCH_PER_THREAD
+# While claimed jobs still wait for every thread, finished attempts are settled in
+# batches: when a thread is about to idle, or when the oldest finished attempt has
+# waited this long.
+SETTLE_DELAY_SECONDS = 0.05
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A slot of each scope of a concurrency group, held by this worker's attempts one
+    after another. ``valid`` turns false when the database no longer counts it (the
+    attempt holding it lost its lease): then it is not handed on again."""
+
+    group: str
+    valid: bool = True
 
 
 @dataclass
@@ -42,6 +61,7 @@ class _Running:
     job: ClaimedJob
     timeout: float | None
     started: float | None = None  # time.monotonic() when a thread began the attempt
+    slot: _Slot | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -74,8 +94,17 @@ class Worker:
         self.started_at = app.clock.now()
         self._cond = threading.Condition()
         self._finished: list[Outcome] = []
+        self._finished_since = 0.0  # time.monotonic() of the oldest unsettled outcome
         self._running: dict[str, _Running] = {}
         self._abandoned: set[tuple[str, int]] = set()
+        # Slot hand-overs (see RIDERS_PER_SLOT): valid slots held per group, riders
+        # waiting per group, slots of finished attempts not yet settled and not handed
+        # on, and slots handed on whose transfer has not been settled yet.
+        self._slots: dict[str, int] = {}
+        self._riders: dict[str, collections.deque[ClaimedJob]] = {}
+        self._vacant: dict[str, list[tuple[_Slot, Outcome]]] = {}
+        self._inherited: dict[str, _Slot] = {}
+        self._stranded: list[tuple[str, int]] = []  # riders left without a slot: release
         self._work: queue.SimpleQueue[ClaimedJob | Callable[[], None] | None] = queue.SimpleQueue()
         self._wanted = True  # there may be due jobs: claim when a thread is idle
         self._wakes = 0  # counts wake() calls, so a claim cannot swallow a newer one
@@ -181,8 +210,10 @@ class Worker:
                     # replacement thread already runs, so this one retires.
                     self._abandoned.discard(key)
                     return
-                self._running.pop(item.id, None)
-                self._finished.append(outcome)
+                running = self._running.pop(item.id, None)
+                if not self._finished:
+                    self._finished_since = time.monotonic()
+                self._finished.append(self._hand_on(running, outcome))
                 self._average_runtime += 0.1 * (time.monotonic() - began - self._average_runtime)
                 self._cond.notify_all()
 
@@ -202,9 +233,10 @@ class Worker:
                     now = time.monotonic()
                     if self._stopping and (not self._running or now >= self._grace_deadline):
                         break
-                    if self._finished:
+                    hungry = self._hungry()
+                    if self._finished and (hungry or self._settle_now(now)):
                         break
-                    idle = not self._stopping and len(self._running) < self._capacity()
+                    idle = not self._stopping and hungry and len(self._running) < self._capacity()
                     if idle and (self._wanted or now >= next_poll):
                         break
                     if idle and self._next_due is not None and now >= self._next_due:
@@ -217,6 +249,8 @@ class Worker:
                             wait_until = min(wait_until, running.deadline)
                     if self._stopping:
                         wait_until = min(wait_until, self._grace_deadline)
+                    if self._finished:
+                        wait_until = min(wait_until, self._finished_since + SETTLE_DELAY_SECONDS)
                     if now >= wait_until:
                         break
                     if idle and self._watch is not None:
@@ -230,10 +264,12 @@ class Worker:
                     self._shutdown()
                     return
                 finished, self._finished = self._finished, []
+                self._vacate()
                 finished.extend(self._expire_deadlines(now))
-                unstarted: list[tuple[str, int]] = []
+                unstarted, self._stranded = self._stranded, []
                 if self._stopping:
                     # Claimed ahead but not begun: give them back now, not after the grace.
+                    self._riders.clear()
                     for job_id, running in list(self._running.items()):
                         if running.started is None:
                             del self._running[job_id]
@@ -277,12 +313,18 @@ class Worker:
                     log.exception("worker %s: dispatcher error; retrying in %.2fs", self.id, pause)
                 with self._cond:
                     self._finished[:0] = finished  # settle them in the next round
+                    self._finished_since = 0.0
                     self._wanted = True
                     self._cond.wait(pause)
 
     def _claim(self, finished: list[Outcome], wanted: int) -> None:
         with self._cond:
             wakes = self._wakes
+            short = self._average_runtime < SHORT_JOB_SECONDS
+            budget = {
+                group: RIDERS_PER_SLOT * held - len(self._riders.get(group, ()))
+                for group, held in self._slots.items()
+            }
         result = self.store.claim(
             self.id,
             self.queues,
@@ -292,6 +334,8 @@ class Worker:
             finished,
             tasks=list(self.app.tasks),
             limited=self.app.limited_at_claim(),
+            riders={g: n for g, n in budget.items() if n > 0} if short else None,
+            riders_per_slot=RIDERS_PER_SLOT if short else 0,
         )
         discarded = set(result.discarded)
         for outcome in finished:
@@ -307,17 +351,113 @@ class Worker:
                     if self._next_due is None or due < self._next_due:
                         self._next_due = due
         with self._cond:
+            for job_id in result.orphans:
+                orphaned = self._inherited.get(job_id)
+                if orphaned is not None:
+                    self._drop(orphaned)
+            for outcome in finished:
+                if outcome.heir is not None:
+                    self._inherited.pop(outcome.heir[0], None)
             if wanted > 0 and len(result.jobs) < wanted and self._wakes == wakes:
                 # Fewer due than asked for, and nothing new since: wait to be woken.
                 self._wanted = False
             elif wanted > 0:
                 self._wanted = True  # a full batch: more may be due
+            riders = []
             for job in result.jobs:
                 task = self.app.tasks.get(job.task)
                 timeout = timeout_of(self.app, task) if task is not None else None
-                self._running[job.id] = _Running(job, timeout)
-        for job in result.jobs:
-            self._work.put(job)
+                running = self._running[job.id] = _Running(job, timeout)
+                if job.slot_group is None:
+                    self._work.put(job)
+                elif job.holds_slots:
+                    running.slot = _Slot(job.slot_group)
+                    self._slots[job.slot_group] = self._slots.get(job.slot_group, 0) + 1
+                    self._work.put(job)
+                else:
+                    riders.append(job)
+            for job in riders:  # after the slots claimed with them are counted
+                self._board(job)
+
+    # -- concurrency slots handed on between attempts (called with the lock held) -------
+
+    def _board(self, rider: ClaimedJob) -> None:
+        """A rider takes a slot its group left vacant, waits for one, or goes back."""
+        group = rider.slot_group
+        assert group is not None
+        vacant = self._vacant.get(group)
+        if vacant:
+            slot, outcome = vacant.pop()
+            at = next(i for i, o in enumerate(self._finished) if o is outcome)
+            self._finished[at] = replace(outcome, heir=(rider.id, rider.attempt))
+            self._give(slot, rider)
+        elif self._slots.get(group):
+            self._riders.setdefault(group, collections.deque()).append(rider)
+        else:  # the group's slots were lost meanwhile
+            del self._running[rider.id]
+            self._stranded.append((rider.id, rider.attempt))
+
+    def _give(self, slot: _Slot, rider: ClaimedJob) -> None:
+        self._running[rider.id].slot = slot
+        self._inherited[rider.id] = slot
+        self._work.put(rider)
+
+    def _hand_on(
+        self, running: _Running | None, outcome: Outcome, *, vacate: bool = True
+    ) -> Outcome:
+        """Give the slot of a finished attempt to the next rider of its group, if one
+        waits. Otherwise the slot is released when ``outcome`` settles; until then
+        (``vacate``) a rider claimed meanwhile may still take it over."""
+        slot = running.slot if running is not None else None
+        if slot is None or not slot.valid:
+            return outcome
+        waiting = self._riders.get(slot.group)
+        while waiting:
+            rider = waiting.popleft()
+            queued = self._running.get(rider.id)
+            if queued is not None and queued.job.attempt == rider.attempt:
+                self._give(slot, rider)
+                return replace(outcome, heir=(rider.id, rider.attempt))
+        if vacate:
+            self._vacant.setdefault(slot.group, []).append((slot, outcome))
+        else:
+            self._drop(slot)
+        return outcome
+
+    def _vacate(self) -> None:
+        """The vacant slots are about to be released: no rider may take them now."""
+        for vacant in self._vacant.values():
+            for slot, _ in vacant:
+                self._drop(slot)
+        self._vacant.clear()
+
+    def _drop(self, slot: _Slot) -> None:
+        """Stop counting ``slot`` as held; riders left with no slot of their group go back."""
+        if not slot.valid:
+            return
+        slot.valid = False
+        left = self._slots.get(slot.group, 0) - 1
+        if left > 0:
+            self._slots[slot.group] = left
+            return
+        self._slots.pop(slot.group, None)
+        for rider in self._riders.pop(slot.group, ()):
+            queued = self._running.get(rider.id)
+            if queued is not None and queued.job.attempt == rider.attempt:
+                del self._running[rider.id]
+                self._stranded.append((rider.id, rider.attempt))
+
+    def _hungry(self) -> bool:
+        """Whether the jobs claimed but not started run low: claim (and settle) now.
+
+        With short jobs a worker holds several per thread; claiming again as soon as
+        one has finished would cost a transaction for every few jobs."""
+        waiting = sum(1 for running in self._running.values() if running.started is None)
+        return waiting < self.threads
+
+    def _settle_now(self, now: float) -> bool:
+        """Whether to settle the finished attempts before the worker is hungry."""
+        return self._stopping or now >= self._finished_since + SETTLE_DELAY_SECONDS
 
     def _capacity(self) -> int:
         """How many attempts to hold at once: the threads, plus a queue of short jobs."""
@@ -336,7 +476,9 @@ class Worker:
                 self._abandoned.add((job.id, job.attempt))
                 task = self.app.tasks.get(job.task)
                 timeout = (timeout_of(self.app, task) if task is not None else None) or 0.0
-                expired.append(timed_out(self.app, job, timeout))
+                expired.append(
+                    self._hand_on(running, timed_out(self.app, job, timeout), vacate=False)
+                )
                 log.warning("job %s: attempt %d timed out after %gs", job.id, job.attempt, timeout)
                 # The stuck thread retires when its call returns; keep the pool full.
                 self._start_executor()

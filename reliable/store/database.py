@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, bindparam, func, select, text, update
+from sqlalchemy import Connection, Engine, Select, bindparam, case, func, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -32,6 +32,9 @@ from .records import (
 from .schema import IS_DUE, IS_RUNNING, attempts, idempotency_keys, jobs, workers
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# The scope rows of finished capped jobs are deleted this many at a time. Until then
+# they are only dead weight: parking looks at due jobs alone.
+FORGET_BATCH = 256
 
 _LOST_ERROR = {
     "type": "WorkerLost",
@@ -58,18 +61,23 @@ def _due(filtered: bool) -> Select[Any]:
     )
 
 
-def _start(where: Any) -> Any:
-    """Lease the jobs ``where`` selects to ``:worker`` for one attempt."""
+def _start(where: Any, *, holding: bool = False) -> Any:
+    """Lease the jobs ``where`` selects to ``:worker`` for one attempt (``holding``: those
+    of ``:holding`` with a slot of each of their concurrency scopes)."""
+    values: dict[str, Any] = {
+        "status": "running",
+        "attempts": jobs.c.attempts + 1,
+        "lease_owner": bindparam("worker"),
+        "lease_expires_at": bindparam("lease_until"),
+        "started_at": bindparam("now"),
+    }
+    if holding:
+        held = jobs.c.id.in_(bindparam("holding", expanding=True))
+        values["slots_held"] = case((held, 1), else_=0)
     return (
         update(jobs)
         .where(where)
-        .values(
-            status="running",
-            attempts=jobs.c.attempts + 1,
-            lease_owner=bindparam("worker"),
-            lease_expires_at=bindparam("lease_until"),
-            started_at=bindparam("now"),
-        )
+        .values(**values)
         .returning(
             jobs.c.id,
             jobs.c.task,
@@ -86,8 +94,8 @@ def _start(where: Any) -> Any:
 # The hot statements, built once: no per-call construction or cache-key work.
 _START_DUE = {f: _start(jobs.c.id.in_(_due(f).scalar_subquery())) for f in (False, True)}
 _CANDIDATES = {f: _due(f).add_columns(jobs.c.limits) for f in (False, True)}
-_START_BY_ID = _start(jobs.c.id.in_(bindparam("ids", expanding=True)))
-_HOLD_SLOTS = (
+_START_BY_ID = _start(jobs.c.id.in_(bindparam("ids", expanding=True)), holding=True)
+_TAKE_OVER = (
     update(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True))).values(slots_held=1)
 )
 _HELD = (
@@ -123,10 +131,12 @@ _INSERT_JOB = jobs.insert()
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    """Jobs leased by a claim, and the outcomes it refused because their lease was gone."""
+    """Jobs leased by a claim, the outcomes it refused because their lease was gone, and
+    the heirs of settled attempts that did not inherit their slots (see ``flow.pass_slots``)."""
 
     jobs: list[ClaimedJob]
     discarded: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
 
 
 def parse_database_url(raw: str) -> URL:
@@ -178,6 +188,9 @@ class Store:
             self._insert = postgres.insert
         self._changed = threading.Condition()
         self._rotation = 0
+        self._known_scopes: set[str] = set()  # concurrency counter rows that exist
+        self._forget_lock = threading.Lock()
+        self._to_forget: list[str] = []  # finished capped jobs whose scope rows remain
         self._wakers: list[Callable[[], None]] = []
         try:
             ensure_schema(self.engine, auto=auto_migrate)
@@ -336,6 +349,8 @@ class Store:
         finished: Sequence[Outcome] = (),
         tasks: Sequence[str] | None = None,
         limited: bool = True,
+        riders: Mapping[str, int] | None = None,
+        riders_per_slot: int = 0,
     ) -> ClaimResult:
         """Settle ``finished`` attempts, then lease up to ``limit`` due jobs, in one transaction.
 
@@ -343,7 +358,8 @@ class Store:
         ``tasks``, only jobs of those tasks (the ones this worker can run). On
         PostgreSQL rows locked by a concurrent claim are skipped, not waited for.
         ``limited=False`` promises no due job has a concurrency cap or a throttle, so
-        the claim is a single statement.
+        the claim is a single statement. ``riders`` and ``riders_per_slot``: see
+        ``flow.admit_limited``.
         """
         claimed: list[ClaimedJob] = []
         params: dict[str, Any] = {
@@ -355,8 +371,12 @@ class Store:
         }
         if tasks is not None:
             params["tasks"] = list(tasks)
+        groups: dict[str, str] = {}
+        holding: set[str] = set()
         with self._write() as connection:
-            discarded = self._settle(connection, worker_id, finished) if finished else []
+            discarded, orphans = (
+                self._settle(connection, worker_id, finished) if finished else ([], [])
+            )
             if limit > 0:
                 filtered = tasks is not None
                 if limited:
@@ -367,11 +387,17 @@ class Store:
                         self._insert,
                         [(r.id, json.loads(r.limits)) for r in candidates if r.limits],
                         now,
+                        known=self._known_scopes,
+                        riders=riders,
+                        riders_per_slot=riders_per_slot,
                     )
-                    params["ids"] = [r.id for r in candidates if not r.limits] + decision.granted
-                    rows = connection.execute(_START_BY_ID, params).all()
-                    if decision.holding_slots:
-                        connection.execute(_HOLD_SLOTS, {"ids": decision.holding_slots})
+                    groups, holding = decision.groups, set(decision.holding_slots)
+                    ids = [r.id for r in candidates if not r.limits]
+                    ids += decision.granted + decision.riders
+                    rows: Sequence[Any] = ()
+                    if ids:
+                        params.update(ids=ids, holding=decision.holding_slots)
+                        rows = connection.execute(_START_BY_ID, params).all()
                     flow.park(connection, decision)
                 else:
                     # One queue per statement: with a single queue the due index
@@ -387,31 +413,40 @@ class Store:
                         rows += connection.execute(_START_DUE[filtered], one).all()
                 claimed = [
                     ClaimedJob(
-                        r.id, r.task, r.queue, r.payload, r.attempts, now, worker_id, r.limits
+                        r.id,
+                        r.task,
+                        r.queue,
+                        r.payload,
+                        r.attempts,
+                        now,
+                        worker_id,
+                        r.limits,
+                        groups.get(r.id),
+                        r.id in holding,
                     )
                     for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
                 ]
         if finished:
             self._notify_changed()
-        return ClaimResult(claimed, discarded)
+        return ClaimResult(claimed, discarded, orphans)
 
     def settle(self, worker_id: str, finished: Sequence[Outcome]) -> list[str]:
         """Apply the outcomes of finished attempts; return the ids whose lease was gone."""
         with self._write() as connection:
-            discarded = self._settle(connection, worker_id, finished)
+            discarded, _ = self._settle(connection, worker_id, finished)
         self._notify_changed()
         return discarded
 
     def _settle(
         self, connection: Connection, worker_id: str, finished: Sequence[Outcome]
-    ) -> list[str]:
+    ) -> tuple[list[str], list[str]]:
+        """Apply ``finished``; return the ids whose lease was gone, and the orphans."""
         # Fencing: an outcome lands only while its attempt still holds the lease. A job
         # cancelled, or taken over after its lease expired, keeps what happened since.
+        ids = [o.job_id for o in finished] + [o.heir[0] for o in finished if o.heir]
         held = {
             (row.id, row.attempts): row
-            for row in connection.execute(
-                _HELD, {"ids": [o.job_id for o in finished], "worker": worker_id}
-            )
+            for row in connection.execute(_HELD, {"ids": ids, "worker": worker_id})
         }
         applied = [o for o in finished if (o.job_id, o.attempt) in held]
         discarded = [o.job_id for o in finished if (o.job_id, o.attempt) not in held]
@@ -455,17 +490,29 @@ class Store:
                     connection.execute(
                         update(jobs).where(jobs.c.id == o.job_id).values(run_at=o.finished_at)
                     )
-            rows = [held[(o.job_id, o.attempt)] for o in applied]
-            flow.release_slots(connection, [r.limits for r in rows if r.slots_held])
-            flow.forget_scopes(
+            self._forget(
                 connection,
                 [
-                    (o.job_id, r.limits)
-                    for o, r in zip(applied, rows, strict=True)
-                    if r.limits and o.status in TERMINAL
+                    o.job_id
+                    for o in applied
+                    if o.status in TERMINAL and flow.capped(held[(o.job_id, o.attempt)].limits)
                 ],
             )
-        return discarded
+        moves = flow.pass_slots(finished, held)
+        if moves.transfers:
+            connection.execute(_TAKE_OVER, {"ids": moves.transfers})
+        flow.release_slots(connection, moves.released)
+        return discarded, moves.orphans
+
+    def _forget(self, connection: Connection, job_ids: Sequence[str], *, now: bool = False) -> None:
+        """Delete the scope rows of finished capped jobs, once a batch has gathered (or
+        ``now``). Rows of a batch whose transaction fails stay behind, harmless."""
+        with self._forget_lock:
+            self._to_forget += job_ids
+            if len(self._to_forget) < (1 if now else FORGET_BATCH):
+                return
+            batch, self._to_forget = self._to_forget, []
+        flow.forget_scopes(connection, batch)
 
     # -- leases -------------------------------------------------------------------------
 
@@ -637,7 +684,8 @@ class Store:
             )
             if row.slots_held:  # a running attempt gives its slots back now
                 flow.release_slots(connection, [row.limits])
-            flow.forget_scopes(connection, [(job_id, row.limits)])
+            if flow.capped(row.limits):
+                flow.forget_scopes(connection, [job_id])
         self._notify_changed()
         return True
 
@@ -729,6 +777,7 @@ class Store:
     def sweep_parked(self) -> int:
         """Unpark jobs of concurrency scopes that have free slots; see ``flow``."""
         with self._write() as connection:
+            self._forget(connection, (), now=True)
             return flow.sweep_parked(connection)
 
     def flow_state(self, now: float) -> dict[str, list[dict[str, Any]]]:

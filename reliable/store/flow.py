@@ -17,14 +17,14 @@ Throttles: the scope's row holds the earliest next start; starts are spaced by
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, select, update
 
 from ..errors import RateLimited
-from .records import DebounceCheck, NewJob, RateState
+from .records import DebounceCheck, NewJob, Outcome, RateState
 from .schema import IS_DUE, concurrency, debounces, job_scopes, jobs, rate_events, rate_limits
 from .schema import throttles as throttle_table
 
@@ -35,10 +35,25 @@ class Admission:
 
     granted: list[str] = field(default_factory=list)
     holding_slots: list[str] = field(default_factory=list)
+    # Jobs of full slot groups this worker holds: they wait in the worker for a slot
+    # one of its attempts hands on (see ``pass_slots``).
+    riders: list[str] = field(default_factory=list)
+    groups: dict[str, str] = field(default_factory=dict)  # job id -> slot group
     # Scopes found full, and the candidates they blocked: to be parked.
     parked_scopes: list[str] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)
     rescheduled: list[tuple[str, float]] = field(default_factory=list)
+
+
+def capped(limits: str | None) -> bool:
+    """Whether a job's limits document (JSON) may name concurrency scopes."""
+    return limits is not None and '"concurrency"' in limits
+
+
+def slot_group(limits: dict[str, Any]) -> str | None:
+    """The name of the set of concurrency scopes a job counts against; None if uncapped."""
+    scopes = [scope for scope, _ in limits.get("concurrency", ())]
+    return json.dumps(scopes, separators=(",", ":")) if scopes else None
 
 
 def _lock(connection: Connection, dialect: str, statement: Any, *, skip_locked: bool) -> Any:
@@ -47,15 +62,43 @@ def _lock(connection: Connection, dialect: str, statement: Any, *, skip_locked: 
     return connection.execute(statement)
 
 
+def _grouped(changes: dict[str, int]) -> list[dict[str, Any]]:
+    """``{scope: n}`` as one parameter set per distinct ``n``: ``{"n": n, "scopes": [...]}``,
+    so that a change applies to many scopes in one statement."""
+    by_amount: dict[int, list[str]] = {}
+    for scope, amount in sorted(changes.items()):
+        by_amount.setdefault(amount, []).append(scope)
+    return [{"n": amount, "scopes": scopes} for amount, scopes in sorted(by_amount.items())]
+
+
+_TAKE = (
+    update(concurrency)
+    .where(concurrency.c.scope.in_(bindparam("scopes", expanding=True)))
+    .values(in_use=concurrency.c.in_use + bindparam("n"))
+)
+
+
 def admit_limited(
     connection: Connection,
     dialect: str,
     insert: Any,
     candidates: Sequence[tuple[str, dict[str, Any]]],
     now: float,
+    *,
+    known: set[str] | None = None,
+    riders: Mapping[str, int] | None = None,
+    riders_per_slot: int = 0,
 ) -> Admission:
-    """Decide which of ``candidates`` (id, limits) may start now, in candidate order."""
+    """Decide which of ``candidates`` (id, limits) may start now, in candidate order.
+
+    ``known`` caches the scopes whose counter row exists, to skip creating them.
+    ``riders`` maps slot groups whose slots the claiming worker holds to how many more
+    jobs of that group it will take as riders; each slot granted here adds
+    ``riders_per_slot`` to its group. A candidate whose group is full (or locked by
+    another claimer) rides while its group has room, instead of being parked.
+    """
     decision = Admission()
+    budget = dict(riders or {})
     capacities: dict[str, int] = {}
     intervals: dict[str, float] = {}
     for _, limits in candidates:
@@ -66,23 +109,30 @@ def admit_limited(
             intervals[scope] = float(interval)
 
     in_use: dict[str, int] = {}
+    stale_capacity: set[str] = set()
     if capacities:
         scopes = sorted(capacities)
-        connection.execute(
-            insert(concurrency)
-            .values(scope=bindparam("s"), in_use=0, capacity=bindparam("c"))
-            .on_conflict_do_nothing(index_elements=[concurrency.c.scope]),
-            [{"s": scope, "c": capacities[scope]} for scope in scopes],
-        )
+        missing = [scope for scope in scopes if known is None or scope not in known]
+        if missing:
+            connection.execute(
+                insert(concurrency)
+                .values(scope=bindparam("s"), in_use=0, capacity=bindparam("c"))
+                .on_conflict_do_nothing(index_elements=[concurrency.c.scope]),
+                [{"s": scope, "c": capacities[scope]} for scope in missing],
+            )
         rows = _lock(
             connection,
             dialect,
-            select(concurrency.c.scope, concurrency.c.in_use).where(
+            select(concurrency.c.scope, concurrency.c.in_use, concurrency.c.capacity).where(
                 concurrency.c.scope.in_(scopes)
             ),
             skip_locked=True,
-        )
+        ).all()
         in_use = {row.scope: int(row.in_use) for row in rows}
+        if known is not None:  # a row skipped (or gone) is created again if need be
+            known.difference_update(scope for scope in scopes if scope not in in_use)
+            known.update(in_use)
+        stale_capacity = {row.scope for row in rows if int(row.capacity) != capacities[row.scope]}
     next_at: dict[str, float] = {}
     if intervals:
         scopes = sorted(intervals)
@@ -104,13 +154,21 @@ def admit_limited(
     granted_next = dict(next_at)  # advanced by starts granted; persisted
     turn = dict(next_at)  # the start time handed to the next job that must wait
 
+    taken: dict[str, int] = {}
     full: set[str] = set()
     for job_id, limits in candidates:
         slots = [scope for scope, _ in limits.get("concurrency", ())]
-        if any(scope not in in_use for scope in slots):
-            continue  # another claimer holds the scope this instant: next round
-        blocked = [scope for scope in slots if in_use[scope] >= capacities[scope]]
-        if blocked:
+        group = slot_group(limits)
+        locked = any(scope not in in_use for scope in slots)
+        blocked = [] if locked else [s for s in slots if in_use[s] >= capacities[s]]
+        if group is not None and (locked or blocked):
+            if budget.get(group, 0) > 0 and not limits.get("throttle"):
+                budget[group] -= 1
+                decision.riders.append(job_id)
+                decision.groups[job_id] = group
+                continue
+            if locked:
+                continue  # another claimer holds the scope this instant: next round
             full.add(blocked[0])
             decision.blocked.append((job_id, blocked[0]))
             continue
@@ -128,21 +186,22 @@ def admit_limited(
             turn[scope] = max(turn[scope], granted_next[scope])
         for scope in slots:
             in_use[scope] += 1
+            taken[scope] = taken.get(scope, 0) + 1
         decision.granted.append(job_id)
-        if slots:
+        if group is not None:
             decision.holding_slots.append(job_id)
+            decision.groups[job_id] = group
+            if riders_per_slot:
+                budget[group] = budget.get(group, 0) + riders_per_slot
 
-    changed = [
-        {"s": scope, "n": in_use[scope], "c": capacities[scope]}
-        for scope in sorted(in_use)
-        if scope in capacities
-    ]
-    if decision.holding_slots and changed:
+    for change in _grouped(taken):
+        connection.execute(_TAKE, change)
+    if stale_capacity:  # a task's cap changed: show the new one
         connection.execute(
             update(concurrency)
             .where(concurrency.c.scope == bindparam("s"))
-            .values(in_use=bindparam("n"), capacity=bindparam("c")),
-            changed,
+            .values(capacity=bindparam("c")),
+            [{"s": scope, "c": capacities[scope]} for scope in sorted(stale_capacity)],
         )
     advanced = [{"s": s, "t": t} for s, t in granted_next.items() if t != next_at[s]]
     if advanced:
@@ -189,15 +248,42 @@ _UNPARK = (
     )
     .values(blocked_on=None)
 )
-_LEFT = concurrency.c.in_use - bindparam("b_count")
-_RELEASE = {
-    "sqlite": update(concurrency)
-    .where(concurrency.c.scope == bindparam("b_scope"))
-    .values(in_use=func.max(_LEFT, 0)),
-    "postgresql": update(concurrency)
-    .where(concurrency.c.scope == bindparam("b_scope"))
-    .values(in_use=func.greatest(_LEFT, 0)),
-}
+
+
+def _release_statement(dialect: str) -> Any:
+    """Give back ``:n`` slots of each of ``:scopes``; returns each scope's parked flag.
+
+    On PostgreSQL the rows are locked in one order first, so that transactions releasing
+    overlapping scopes cannot deadlock (SQLite has a single writer)."""
+    if dialect == "sqlite":
+        return (
+            update(concurrency)
+            .where(concurrency.c.scope.in_(bindparam("scopes", expanding=True)))
+            .values(in_use=func.max(concurrency.c.in_use - bindparam("n"), 0))
+            .returning(concurrency.c.scope, concurrency.c.parked)
+        )
+    locked = (
+        select(concurrency.c.scope)
+        .where(concurrency.c.scope.in_(bindparam("scopes", expanding=True)))
+        .order_by(concurrency.c.scope)
+        .with_for_update()
+        .cte("locked")
+        .prefix_with("MATERIALIZED")
+    )
+    return (
+        update(concurrency)
+        .where(concurrency.c.scope == locked.c.scope)
+        .values(in_use=func.greatest(concurrency.c.in_use - bindparam("n"), 0))
+        .returning(concurrency.c.scope, concurrency.c.parked)
+    )
+
+
+_RELEASE = {dialect: _release_statement(dialect) for dialect in ("sqlite", "postgresql")}
+_FLAG_PARKED = (
+    update(concurrency)
+    .where(concurrency.c.scope.in_(bindparam("scopes", expanding=True)))
+    .values(parked=1)
+)
 
 
 def park(connection: Connection, decision: Admission) -> None:
@@ -206,10 +292,14 @@ def park(connection: Connection, decision: Admission) -> None:
     The blocked candidates go one by one; when a whole round was blocked (a saturated
     key at the head of the queue), every waiting job of those scopes goes at once.
     """
-    if decision.parked_scopes and not decision.granted:
+    if decision.parked_scopes and not decision.granted and not decision.riders:
         connection.execute(_PARK_ALL, [{"b_scope": s} for s in decision.parked_scopes])
     elif decision.blocked:
         connection.execute(_PARK_ONE, [{"b_id": i, "b_scope": s} for i, s in decision.blocked])
+    else:
+        return
+    # The scopes' rows are locked by this claim: no release can miss the flag.
+    connection.execute(_FLAG_PARKED, {"scopes": decision.parked_scopes})
 
 
 def unpark(connection: Connection, freed: dict[str, int]) -> None:
@@ -226,43 +316,98 @@ def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
             continue
         for scope, _ in json.loads(document).get("concurrency", ()):
             freed[scope] = freed.get(scope, 0) + 1
-    if not freed:
-        return
-    ordered = dict(sorted(freed.items()))  # one lock order for every transaction
-    connection.execute(
-        _RELEASE[connection.dialect.name],
-        [{"b_scope": s, "b_count": n} for s, n in ordered.items()],
-    )
-    unpark(connection, ordered)
+    parked: set[str] = set()
+    for change in _grouped(freed):
+        rows = connection.execute(_RELEASE[connection.dialect.name], change)
+        parked.update(row.scope for row in rows if row.parked)
+    unpark(connection, {scope: n for scope, n in sorted(freed.items()) if scope in parked})
 
 
-_FORGET = delete(job_scopes).where(
-    job_scopes.c.scope == bindparam("b_scope"), job_scopes.c.job_id == bindparam("b_id")
-)
+_FORGET = delete(job_scopes).where(job_scopes.c.job_id.in_(bindparam("ids", expanding=True)))
 
 
-def forget_scopes(connection: Connection, finished: Sequence[tuple[str, str | None]]) -> None:
-    """Drop the scope rows of jobs that reached a terminal state: (job id, limits JSON)."""
-    pairs = [
-        {"b_scope": scope, "b_id": job_id}
-        for job_id, document in finished
-        if document
-        for scope, _ in json.loads(document).get("concurrency", ())
-    ]
-    if pairs:  # by primary key: (scope, job_id)
-        connection.execute(_FORGET, pairs)
+def forget_scopes(connection: Connection, finished: Sequence[str]) -> None:
+    """Drop the scope rows of capped jobs that reached a terminal state."""
+    if finished:
+        connection.execute(_FORGET, {"ids": list(finished)})
+
+
+@dataclass
+class SlotMoves:
+    """Where the slots of settled attempts go: handed on to riders, or released."""
+
+    transfers: list[str] = field(default_factory=list)  # riders that now hold slots
+    released: list[str | None] = field(default_factory=list)  # limits JSON of each release
+    orphans: list[str] = field(default_factory=list)  # riders whose inheritance failed
+
+
+def pass_slots(finished: Sequence[Outcome], held: Mapping[tuple[str, int], Any]) -> SlotMoves:
+    """Follow each chain of hand-overs among ``finished`` (in any order).
+
+    ``held`` maps (job id, attempt) to the job's row (``limits``, ``slots_held``) for
+    every attempt of ``finished``, and every heir they name, that still holds its lease.
+    A slot passes to an heir only while both ends of the hand-over hold their leases;
+    otherwise it is released (if it was held) and the heir is reported as an orphan,
+    as is every later heir of the same chain.
+    """
+    moves = SlotMoves()
+    batch = {(o.job_id, o.attempt): o for o in finished}
+    inherited_here = {o.heir for o in finished if o.heir is not None and o.heir in batch}
+    for root in finished:
+        if (root.job_id, root.attempt) in inherited_here:
+            continue  # reached by walking its predecessor's chain
+        outcome, row = root, held.get((root.job_id, root.attempt))
+        holds = row is not None and bool(row.slots_held)
+        for _ in range(len(finished)):
+            heir = outcome.heir
+            heir_row = held.get(heir) if heir is not None else None
+            if holds and heir_row is None and row is not None:
+                moves.released.append(row.limits)
+            if heir is None:
+                break
+            if heir_row is None:
+                holds = False
+            if not holds:
+                moves.orphans.append(heir[0])
+            following = batch.get(heir)
+            if following is None:
+                if holds:
+                    moves.transfers.append(heir[0])
+                break
+            outcome, row = following, heir_row
+    return moves
 
 
 def sweep_parked(connection: Connection) -> int:
-    """Unpark jobs of scopes that have free slots (a safety net for races); return how many."""
-    blocked = select(jobs.c.blocked_on).where(jobs.c.blocked_on.is_not(None)).distinct().subquery()
+    """Unpark jobs of scopes that have free slots (a safety net for races), and clear the
+    parked flag of scopes with no parked job left; return how many scopes were unparked."""
+    blocked = select(jobs.c.blocked_on).where(jobs.c.blocked_on.is_not(None)).distinct()
     rows = connection.execute(
         select(concurrency.c.scope, concurrency.c.in_use, concurrency.c.capacity).where(
-            concurrency.c.scope.in_(select(blocked.c.blocked_on)),
+            concurrency.c.scope.in_(blocked),
             concurrency.c.in_use < concurrency.c.capacity,
         )
     ).all()
     unpark(connection, {row.scope: int(row.capacity) - int(row.in_use) for row in rows})
+    # Lock the flagged rows (in one order), then look: a claim parks jobs only while it
+    # holds its scope's row, so what this sees parked is all there is.
+    flagged = _lock(
+        connection,
+        connection.dialect.name,
+        select(concurrency.c.scope).where(concurrency.c.parked == 1).order_by(concurrency.c.scope),
+        skip_locked=False,
+    ).scalars()
+    flagged = set(flagged)
+    if flagged:
+        still = set(
+            connection.execute(blocked.where(jobs.c.blocked_on.in_(sorted(flagged)))).scalars()
+        )
+        if flagged - still:
+            connection.execute(
+                update(concurrency)
+                .where(concurrency.c.scope.in_(sorted(flagged - still)))
+                .values(parked=0)
+            )
     return len(rows)
 
 

@@ -84,7 +84,13 @@ class EnqueueResult:
 
 @dataclass(frozen=True, slots=True)
 class ClaimedJob:
-    """A job leased to a worker for one attempt; ``attempt`` is its fencing token."""
+    """A job leased to a worker for one attempt; ``attempt`` is its fencing token.
+
+    ``slot_group`` names the concurrency scopes the job counts against (none: uncapped).
+    A job claimed with ``holds_slots`` took a slot of each; one claimed without them
+    (a *rider*) may start only by inheriting the slots of an attempt of the same group
+    that this worker holds, when that attempt ends (see ``Outcome.heir``).
+    """
 
     id: str
     task: str
@@ -94,6 +100,8 @@ class ClaimedJob:
     started_at: float
     lease_owner: str
     limits: str | None = None
+    slot_group: str | None = None
+    holds_slots: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +125,9 @@ class Outcome:
     # A ``sleeping`` outcome parked on an event wait: due at once if the event came
     # while the attempt was still settling.
     waits: bool = False
+    # (job id, attempt) of the rider that took over this attempt's concurrency slots
+    # when it ended: settling hands the slots on instead of releasing them.
+    heir: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

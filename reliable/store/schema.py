@@ -120,6 +120,7 @@ job_scopes = Table(
     Column("scope", String(300), nullable=False),
     Column("job_id", String(32), nullable=False),
     PrimaryKeyConstraint("scope", "job_id"),
+    Index("ix_reliable_job_scopes_job", "job_id"),
 )
 
 # Slots in use per concurrency scope ("task#cap#key"); capacities live in the code.
@@ -129,6 +130,9 @@ concurrency = Table(
     Column("scope", String(300), primary_key=True),
     Column("in_use", Integer, nullable=False, server_default=text("0")),
     Column("capacity", Integer, nullable=False, server_default=text("0")),
+    # Set when jobs are parked on the scope, so that a release looks for them only then;
+    # cleared by the periodic sweep once none is left.
+    Column("parked", Integer, nullable=False, server_default=text("0")),
 )
 
 # One row per rate-limited scope, locked while admitting, and its admissions.
