@@ -264,7 +264,7 @@ class Worker:
                     self._shutdown()
                     return
                 finished, self._finished = self._finished, []
-                self._vacate()
+                kept = self._vacate(finished, keep=self._average_runtime < SHORT_JOB_SECONDS)
                 finished.extend(self._expire_deadlines(now))
                 unstarted, self._stranded = self._stranded, []
                 if self._stopping:
@@ -292,7 +292,7 @@ class Worker:
                 if unstarted:
                     self.store.release(self.id, unstarted, self.app.clock.now())
                 if finished or wanted > 0:
-                    self._claim(finished, wanted)
+                    self._claim(finished, wanted, kept)
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     self._heartbeat()
@@ -317,13 +317,14 @@ class Worker:
                     self._wanted = True
                     self._cond.wait(pause)
 
-    def _claim(self, finished: list[Outcome], wanted: int) -> None:
+    def _claim(self, finished: list[Outcome], wanted: int, kept: dict[str, int]) -> None:
         with self._cond:
             wakes = self._wakes
             short = self._average_runtime < SHORT_JOB_SECONDS
+            held = {g: self._slots.get(g, 0) + kept.get(g, 0) for g in {*self._slots, *kept}}
             budget = {
-                group: RIDERS_PER_SLOT * held - len(self._riders.get(group, ()))
-                for group, held in self._slots.items()
+                group: RIDERS_PER_SLOT * count - len(self._riders.get(group, ()))
+                for group, count in held.items()
             }
         result = self.store.claim(
             self.id,
@@ -334,6 +335,7 @@ class Worker:
             finished,
             tasks=list(self.app.tasks),
             limited=self.app.limited_at_claim(),
+            held=held if short else None,
             riders={g: n for g, n in budget.items() if n > 0} if short else None,
             riders_per_slot=RIDERS_PER_SLOT if short else 0,
         )
@@ -358,7 +360,12 @@ class Worker:
             for outcome in finished:
                 if outcome.heir is not None:
                     self._inherited.pop(outcome.heir[0], None)
-            if wanted > 0 and len(result.jobs) < wanted and self._wakes == wakes:
+            if (
+                wanted > 0
+                and len(result.jobs) < wanted
+                and self._wakes == wakes
+                and not result.freed
+            ):
                 # Fewer due than asked for, and nothing new since: wait to be woken.
                 self._wanted = False
             elif wanted > 0:
@@ -424,12 +431,20 @@ class Worker:
             self._drop(slot)
         return outcome
 
-    def _vacate(self) -> None:
-        """The vacant slots are about to be released: no rider may take them now."""
-        for vacant in self._vacant.values():
-            for slot, _ in vacant:
+    def _vacate(self, finished: list[Outcome], *, keep: bool) -> dict[str, int]:
+        """Slots left vacant are settled with ``finished`` now: with ``keep``, each goes
+        to a rider of its group claimed in the same transaction if there is one. Returns
+        how many are kept per group."""
+        kept: dict[str, int] = {}
+        for group, vacant in self._vacant.items():
+            for slot, outcome in vacant:
                 self._drop(slot)
+                if keep:
+                    at = next(i for i, o in enumerate(finished) if o is outcome)
+                    finished[at] = replace(outcome, keep_slots=True)
+                    kept[group] = kept.get(group, 0) + 1
         self._vacant.clear()
+        return kept
 
     def _drop(self, slot: _Slot) -> None:
         """Stop counting ``slot`` as held; riders left with no slot of their group go back."""

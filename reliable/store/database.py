@@ -73,7 +73,7 @@ def _start(where: Any, *, holding: bool = False) -> Any:
     }
     if holding:
         held = jobs.c.id.in_(bindparam("holding", expanding=True))
-        values["slots_held"] = case((held, 1), else_=0)
+        values.update(slots_held=case((held, 1), else_=0), blocked_on=None)
     return (
         update(jobs)
         .where(where)
@@ -137,6 +137,8 @@ class ClaimResult:
     jobs: list[ClaimedJob]
     discarded: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    # Slots were released after the claim's choice: jobs they unparked are due now.
+    freed: bool = False
 
 
 def parse_database_url(raw: str) -> URL:
@@ -349,6 +351,7 @@ class Store:
         finished: Sequence[Outcome] = (),
         tasks: Sequence[str] | None = None,
         limited: bool = True,
+        held: Mapping[str, int] | None = None,
         riders: Mapping[str, int] | None = None,
         riders_per_slot: int = 0,
     ) -> ClaimResult:
@@ -358,8 +361,9 @@ class Store:
         ``tasks``, only jobs of those tasks (the ones this worker can run). On
         PostgreSQL rows locked by a concurrent claim are skipped, not waited for.
         ``limited=False`` promises no due job has a concurrency cap or a throttle, so
-        the claim is a single statement. ``riders`` and ``riders_per_slot``: see
-        ``flow.admit_limited``.
+        the claim is a single statement. ``held``, ``riders`` and ``riders_per_slot``:
+        see ``flow.admit_limited``; slots of outcomes marked ``keep_slots`` go to riders
+        of their group claimed here, or are released.
         """
         claimed: list[ClaimedJob] = []
         params: dict[str, Any] = {
@@ -374,8 +378,8 @@ class Store:
         groups: dict[str, str] = {}
         holding: set[str] = set()
         with self._write() as connection:
-            discarded, orphans = (
-                self._settle(connection, worker_id, finished) if finished else ([], [])
+            discarded, orphans, kept = (
+                self._settle(connection, worker_id, finished) if finished else ([], [], [])
             )
             if limit > 0:
                 filtered = tasks is not None
@@ -385,12 +389,16 @@ class Store:
                         connection,
                         self.dialect,
                         self._insert,
-                        [(r.id, json.loads(r.limits)) for r in candidates if r.limits],
+                        [(r.id, flow.parse(r.limits)) for r in candidates if r.limits],
                         now,
                         known=self._known_scopes,
+                        held=held,
                         riders=riders,
                         riders_per_slot=riders_per_slot,
                     )
+                    if len(candidates) < limit:  # the due jobs ran out: riders may be parked
+                        flow.board_parked(connection, self.dialect, decision, now)
+                    kept = flow.adopt(decision, kept)
                     groups, holding = decision.groups, set(decision.holding_slots)
                     ids = [r.id for r in candidates if not r.limits]
                     ids += decision.granted + decision.riders
@@ -426,21 +434,24 @@ class Store:
                     )
                     for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
                 ]
+            flow.release_slots(connection, kept)  # kept for riders, but none came
         if finished:
             self._notify_changed()
-        return ClaimResult(claimed, discarded, orphans)
+        return ClaimResult(claimed, discarded, orphans, bool(kept))
 
     def settle(self, worker_id: str, finished: Sequence[Outcome]) -> list[str]:
         """Apply the outcomes of finished attempts; return the ids whose lease was gone."""
         with self._write() as connection:
-            discarded, _ = self._settle(connection, worker_id, finished)
+            discarded, _, kept = self._settle(connection, worker_id, finished)
+            flow.release_slots(connection, kept)
         self._notify_changed()
         return discarded
 
     def _settle(
         self, connection: Connection, worker_id: str, finished: Sequence[Outcome]
-    ) -> tuple[list[str], list[str]]:
-        """Apply ``finished``; return the ids whose lease was gone, and the orphans."""
+    ) -> tuple[list[str], list[str], list[str | None]]:
+        """Apply ``finished``; return the ids whose lease was gone, the orphans, and the
+        limits of slots kept for adoption (still to be released if none adopts them)."""
         # Fencing: an outcome lands only while its attempt still holds the lease. A job
         # cancelled, or taken over after its lease expired, keeps what happened since.
         ids = [o.job_id for o in finished] + [o.heir[0] for o in finished if o.heir]
@@ -502,7 +513,7 @@ class Store:
         if moves.transfers:
             connection.execute(_TAKE_OVER, {"ids": moves.transfers})
         flow.release_slots(connection, moves.released)
-        return discarded, moves.orphans
+        return discarded, moves.orphans, moves.kept
 
     def _forget(self, connection: Connection, job_ids: Sequence[str], *, now: bool = False) -> None:
         """Delete the scope rows of finished capped jobs, once a batch has gathered (or

@@ -16,6 +16,7 @@ Throttles: the scope's row holds the earliest next start; starts are spaced by
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,16 @@ from sqlalchemy import Connection, bindparam, delete, func, select, update
 
 from ..errors import RateLimited
 from .records import DebounceCheck, NewJob, Outcome, RateState
-from .schema import IS_DUE, concurrency, debounces, job_scopes, jobs, rate_events, rate_limits
+from .schema import (
+    IS_CLAIMABLE,
+    IS_DUE,
+    concurrency,
+    debounces,
+    job_scopes,
+    jobs,
+    rate_events,
+    rate_limits,
+)
 from .schema import throttles as throttle_table
 
 
@@ -39,6 +49,7 @@ class Admission:
     # one of its attempts hands on (see ``pass_slots``).
     riders: list[str] = field(default_factory=list)
     groups: dict[str, str] = field(default_factory=dict)  # job id -> slot group
+    budget: dict[str, int] = field(default_factory=dict)  # riders each group may still take
     # Scopes found full, and the candidates they blocked: to be parked.
     parked_scopes: list[str] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)
@@ -50,10 +61,80 @@ def capped(limits: str | None) -> bool:
     return limits is not None and '"concurrency"' in limits
 
 
-def slot_group(limits: dict[str, Any]) -> str | None:
-    """The name of the set of concurrency scopes a job counts against; None if uncapped."""
-    scopes = [scope for scope, _ in limits.get("concurrency", ())]
-    return json.dumps(scopes, separators=(",", ":")) if scopes else None
+@dataclass(frozen=True)
+class Limits:
+    """A job's limits document, parsed: its caps (scope, capacity), its throttle
+    (scope, interval), and its slot group: the name of the set of scopes it counts
+    against (None if uncapped)."""
+
+    caps: tuple[tuple[str, int], ...]
+    throttle: tuple[str, float] | None
+    group: str | None
+
+
+@functools.lru_cache(maxsize=4096)
+def parse(document: str) -> Limits:
+    """Parse a limits document (JSON); jobs of one task and key share one, so the
+    result is cached."""
+    limits = json.loads(document)
+    caps = tuple((str(scope), int(capacity)) for scope, capacity in limits.get("concurrency", ()))
+    throttle = limits.get("throttle")
+    return Limits(
+        caps,
+        (str(throttle[0]), float(throttle[1])) if throttle else None,
+        json.dumps([scope for scope, _ in caps], separators=(",", ":")) if caps else None,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def group_scopes(group: str) -> tuple[str, ...]:
+    return tuple(json.loads(group))
+
+
+def board_parked(connection: Connection, dialect: str, decision: Admission, now: float) -> None:
+    """Take parked jobs as riders of the groups this worker still has room for.
+
+    A backlog parked on a full scope is released one job per freed slot; the worker
+    holding the scope's slots takes the rest of it a batch at a time this way."""
+    open_groups = {group: n for group, n in decision.budget.items() if n > 0}
+    if not open_groups:
+        return
+    scopes = sorted({scope for group in open_groups for scope in group_scopes(group)})
+    statement = (
+        select(jobs.c.id, jobs.c.limits)
+        .where(
+            jobs.c.blocked_on.is_not(None),
+            jobs.c.blocked_on.in_(scopes),
+            IS_CLAIMABLE,
+            jobs.c.run_at <= now,
+        )
+        .order_by(jobs.c.priority.desc(), jobs.c.run_at)
+        .limit(sum(open_groups.values()))
+    )
+    for row in _lock(connection, dialect, statement, skip_locked=True):
+        limits = parse(row.limits) if row.limits else None
+        group = limits.group if limits is not None else None
+        if limits is None or group is None or limits.throttle or open_groups.get(group, 0) <= 0:
+            continue
+        open_groups[group] -= 1
+        decision.budget[group] -= 1
+        decision.riders.append(row.id)
+        decision.groups[row.id] = group
+
+
+def adopt(decision: Admission, kept: Sequence[str | None]) -> list[str | None]:
+    """Riders of ``decision`` take over the ``kept`` slots (limits JSON) of their group,
+    in claim order, and so start holding them; returns the slots left over."""
+    waiting: dict[str | None, list[str | None]] = {}
+    for document in kept:
+        group = parse(document).group if document else None
+        waiting.setdefault(group, []).append(document)
+    for job_id in decision.riders:
+        left = waiting.get(decision.groups[job_id])
+        if left:
+            left.pop()
+            decision.holding_slots.append(job_id)
+    return [document for documents in waiting.values() for document in documents]
 
 
 def _lock(connection: Connection, dialect: str, statement: Any, *, skip_locked: bool) -> Any:
@@ -82,31 +163,50 @@ def admit_limited(
     connection: Connection,
     dialect: str,
     insert: Any,
-    candidates: Sequence[tuple[str, dict[str, Any]]],
+    candidates: Sequence[tuple[str, Limits]],
     now: float,
     *,
     known: set[str] | None = None,
+    held: Mapping[str, int] | None = None,
     riders: Mapping[str, int] | None = None,
     riders_per_slot: int = 0,
 ) -> Admission:
     """Decide which of ``candidates`` (id, limits) may start now, in candidate order.
 
     ``known`` caches the scopes whose counter row exists, to skip creating them.
-    ``riders`` maps slot groups whose slots the claiming worker holds to how many more
-    jobs of that group it will take as riders; each slot granted here adds
-    ``riders_per_slot`` to its group. A candidate whose group is full (or locked by
-    another claimer) rides while its group has room, instead of being parked.
+    ``held`` maps slot groups to how many slots of each the claiming worker holds;
+    ``riders`` maps them to how many more jobs of that group it will take as riders;
+    each slot granted here adds ``riders_per_slot`` to its group. A candidate whose
+    group is full (or locked by another claimer) rides while its group has room,
+    instead of being parked; one whose scopes the worker alone fills rides without
+    their counters being read.
     """
     decision = Admission()
-    budget = dict(riders or {})
+    budget = decision.budget = dict(riders or {})
+    mine: dict[str, int] = {}  # slots of each scope the claiming worker holds
+    for held_group, count in (held or {}).items():
+        for scope in group_scopes(held_group):
+            mine[scope] = mine.get(scope, 0) + count
+    presumed: set[str] = set()  # riders of groups this worker fills on its own
+    spare = dict(budget)
     capacities: dict[str, int] = {}
     intervals: dict[str, float] = {}
-    for _, limits in candidates:
-        for scope, capacity in limits.get("concurrency", ()):
-            capacities[scope] = int(capacity)
-        if limits.get("throttle"):
-            scope, interval = limits["throttle"]
-            intervals[scope] = float(interval)
+    for job_id, limits in candidates:
+        group = limits.group
+        if (
+            group is not None
+            and spare.get(group, 0) > 0
+            and not limits.throttle
+            and all(mine.get(scope, 0) >= capacity for scope, capacity in limits.caps)
+        ):
+            spare[group] -= 1
+            presumed.add(job_id)
+            continue
+        for scope, capacity in limits.caps:
+            capacities[scope] = capacity
+        if limits.throttle:
+            scope, interval = limits.throttle
+            intervals[scope] = interval
 
     in_use: dict[str, int] = {}
     stale_capacity: set[str] = set()
@@ -157,12 +257,17 @@ def admit_limited(
     taken: dict[str, int] = {}
     full: set[str] = set()
     for job_id, limits in candidates:
-        slots = [scope for scope, _ in limits.get("concurrency", ())]
-        group = slot_group(limits)
+        slots = [scope for scope, _ in limits.caps]
+        group = limits.group
+        if job_id in presumed and group is not None:
+            budget[group] -= 1
+            decision.riders.append(job_id)
+            decision.groups[job_id] = group
+            continue
         locked = any(scope not in in_use for scope in slots)
         blocked = [] if locked else [s for s in slots if in_use[s] >= capacities[s]]
         if group is not None and (locked or blocked):
-            if budget.get(group, 0) > 0 and not limits.get("throttle"):
+            if budget.get(group, 0) > 0 and not limits.throttle:
                 budget[group] -= 1
                 decision.riders.append(job_id)
                 decision.groups[job_id] = group
@@ -172,8 +277,8 @@ def admit_limited(
             full.add(blocked[0])
             decision.blocked.append((job_id, blocked[0]))
             continue
-        if limits.get("throttle"):
-            scope = limits["throttle"][0]
+        if limits.throttle:
+            scope = limits.throttle[0]
             if scope not in next_at:
                 continue
             if granted_next[scope] > now:
@@ -314,7 +419,7 @@ def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
     for document in held:
         if not document:
             continue
-        for scope, _ in json.loads(document).get("concurrency", ()):
+        for scope, _ in parse(document).caps:
             freed[scope] = freed.get(scope, 0) + 1
     parked: set[str] = set()
     for change in _grouped(freed):
@@ -339,6 +444,7 @@ class SlotMoves:
     transfers: list[str] = field(default_factory=list)  # riders that now hold slots
     released: list[str | None] = field(default_factory=list)  # limits JSON of each release
     orphans: list[str] = field(default_factory=list)  # riders whose inheritance failed
+    kept: list[str | None] = field(default_factory=list)  # limits JSON of slots kept
 
 
 def pass_slots(finished: Sequence[Outcome], held: Mapping[tuple[str, int], Any]) -> SlotMoves:
@@ -362,7 +468,10 @@ def pass_slots(finished: Sequence[Outcome], held: Mapping[tuple[str, int], Any])
             heir = outcome.heir
             heir_row = held.get(heir) if heir is not None else None
             if holds and heir_row is None and row is not None:
-                moves.released.append(row.limits)
+                if heir is None and outcome.keep_slots:
+                    moves.kept.append(row.limits)
+                else:
+                    moves.released.append(row.limits)
             if heir is None:
                 break
             if heir_row is None:

@@ -128,6 +128,9 @@ class Outcome:
     # (job id, attempt) of the rider that took over this attempt's concurrency slots
     # when it ended: settling hands the slots on instead of releasing them.
     heir: tuple[str, int] | None = None
+    # No heir yet: keep the slots for a rider of the same group claimed in the same
+    # transaction, releasing them only if none is.
+    keep_slots: bool = False
 
 
 @dataclass(frozen=True, slots=True)
