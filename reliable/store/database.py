@@ -19,6 +19,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..errors import ConfigError, StoreError
 from . import flow, postgres, sqlite, steps
+from .lists import one_of, per_dialect
 from .migrate import ensure_schema
 from .records import (
     AttemptRow,
@@ -43,15 +44,15 @@ _LOST_ERROR = {
 }
 
 
-def _due(filtered: bool) -> Select[Any]:
+def _due(filtered: bool, dialect: str) -> Select[Any]:
     """Due, unparked jobs of the given queues (and tasks), best first, locked or skipped."""
     conditions = [
         IS_DUE,
-        jobs.c.queue.in_(bindparam("queues", expanding=True)),
+        one_of(jobs.c.queue, "queues", dialect),
         jobs.c.run_at <= bindparam("now"),
     ]
     if filtered:
-        conditions.append(jobs.c.task.in_(bindparam("tasks", expanding=True)))
+        conditions.append(one_of(jobs.c.task, "tasks", dialect))
     return (
         select(jobs.c.id)
         .where(*conditions)
@@ -61,9 +62,9 @@ def _due(filtered: bool) -> Select[Any]:
     )
 
 
-def _start(where: Any, *, holding: bool = False) -> Any:
-    """Lease the jobs ``where`` selects to ``:worker`` for one attempt (``holding``: those
-    of ``:holding`` with a slot of each of their concurrency scopes)."""
+def _start(where: Any, *, holding: str | None = None) -> Any:
+    """Lease the jobs ``where`` selects to ``:worker`` for one attempt (``holding``: the
+    dialect for which those of ``:holding`` take a slot of each of their scopes)."""
     values: dict[str, Any] = {
         "status": "running",
         "attempts": jobs.c.attempts + 1,
@@ -71,8 +72,8 @@ def _start(where: Any, *, holding: bool = False) -> Any:
         "lease_expires_at": bindparam("lease_until"),
         "started_at": bindparam("now"),
     }
-    if holding:
-        held = jobs.c.id.in_(bindparam("holding", expanding=True))
+    if holding is not None:
+        held = one_of(jobs.c.id, "holding", holding)
         values.update(slots_held=case((held, 1), else_=0), blocked_on=None)
     return (
         update(jobs)
@@ -92,20 +93,22 @@ def _start(where: Any, *, holding: bool = False) -> Any:
 
 
 # The hot statements, built once: no per-call construction or cache-key work.
-_START_DUE = {f: _start(jobs.c.id.in_(_due(f).scalar_subquery())) for f in (False, True)}
-_CANDIDATES = {f: _due(f).add_columns(jobs.c.limits) for f in (False, True)}
-_START_BY_ID = _start(jobs.c.id.in_(bindparam("ids", expanding=True)), holding=True)
-_TAKE_OVER = (
-    update(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True))).values(slots_held=1)
+_START_DUE = per_dialect(
+    lambda d: {f: _start(jobs.c.id.in_(_due(f, d).scalar_subquery())) for f in (False, True)}
 )
-_HELD = (
-    select(jobs.c.id, jobs.c.attempts, jobs.c.limits, jobs.c.slots_held)
-    .where(
-        jobs.c.id.in_(bindparam("ids", expanding=True)),
-        IS_RUNNING,
-        jobs.c.lease_owner == bindparam("worker"),
+_CANDIDATES = per_dialect(
+    lambda d: {f: _due(f, d).add_columns(jobs.c.limits) for f in (False, True)}
+)
+_START_BY_ID = per_dialect(lambda d: _start(one_of(jobs.c.id, "ids", d), holding=d))
+_TAKE_OVER = per_dialect(
+    lambda d: update(jobs).where(one_of(jobs.c.id, "ids", d)).values(slots_held=1)
+)
+_HELD = per_dialect(
+    lambda d: (
+        select(jobs.c.id, jobs.c.attempts, jobs.c.limits, jobs.c.slots_held)
+        .where(one_of(jobs.c.id, "ids", d), IS_RUNNING, jobs.c.lease_owner == bindparam("worker"))
+        .with_for_update()
     )
-    .with_for_update()
 )
 _SETTLE = (
     update(jobs)
@@ -384,7 +387,9 @@ class Store:
             if limit > 0:
                 filtered = tasks is not None
                 if limited:
-                    candidates = connection.execute(_CANDIDATES[filtered], params).all()
+                    candidates = connection.execute(
+                        _CANDIDATES[self.dialect][filtered], params
+                    ).all()
                     decision = flow.admit_limited(
                         connection,
                         self.dialect,
@@ -405,7 +410,7 @@ class Store:
                     rows: Sequence[Any] = ()
                     if ids:
                         params.update(ids=ids, holding=decision.holding_slots)
-                        rows = connection.execute(_START_BY_ID, params).all()
+                        rows = connection.execute(_START_BY_ID[self.dialect], params).all()
                     flow.park(connection, decision)
                 else:
                     # One queue per statement: with a single queue the due index
@@ -418,7 +423,7 @@ class Store:
                         if wanted <= 0:
                             break
                         one = {**params, "queues": [name], "limit": wanted}
-                        rows += connection.execute(_START_DUE[filtered], one).all()
+                        rows += connection.execute(_START_DUE[self.dialect][filtered], one).all()
                 claimed = [
                     ClaimedJob(
                         r.id,
@@ -457,7 +462,7 @@ class Store:
         ids = [o.job_id for o in finished] + [o.heir[0] for o in finished if o.heir]
         held = {
             (row.id, row.attempts): row
-            for row in connection.execute(_HELD, {"ids": ids, "worker": worker_id})
+            for row in connection.execute(_HELD[self.dialect], {"ids": ids, "worker": worker_id})
         }
         applied = [o for o in finished if (o.job_id, o.attempt) in held]
         discarded = [o.job_id for o in finished if (o.job_id, o.attempt) not in held]
@@ -511,7 +516,7 @@ class Store:
             )
         moves = flow.pass_slots(finished, held)
         if moves.transfers:
-            connection.execute(_TAKE_OVER, {"ids": moves.transfers})
+            connection.execute(_TAKE_OVER[self.dialect], {"ids": moves.transfers})
         flow.release_slots(connection, moves.released)
         return discarded, moves.orphans, moves.kept
 

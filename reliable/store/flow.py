@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, func, select, update
 
 from ..errors import RateLimited
+from .lists import one_of, per_dialect
 from .records import DebounceCheck, NewJob, Outcome, RateState
 from .schema import (
     IS_CLAIMABLE,
@@ -152,10 +153,21 @@ def _grouped(changes: dict[str, int]) -> list[dict[str, Any]]:
     return [{"n": amount, "scopes": scopes} for amount, scopes in sorted(by_amount.items())]
 
 
-_TAKE = (
-    update(concurrency)
-    .where(concurrency.c.scope.in_(bindparam("scopes", expanding=True)))
-    .values(in_use=concurrency.c.in_use + bindparam("n"))
+_TAKE = per_dialect(
+    lambda d: (
+        update(concurrency)
+        .where(one_of(concurrency.c.scope, "scopes", d))
+        .values(in_use=concurrency.c.in_use + bindparam("n"))
+    )
+)
+# The counters of a claim's scopes; on PostgreSQL locked, or skipped while another
+# claimer holds them.
+_COUNTERS = per_dialect(
+    lambda d: (
+        select(concurrency.c.scope, concurrency.c.in_use, concurrency.c.capacity)
+        .where(one_of(concurrency.c.scope, "scopes", d))
+        .with_for_update(skip_locked=True)
+    )
 )
 
 
@@ -220,14 +232,7 @@ def admit_limited(
                 .on_conflict_do_nothing(index_elements=[concurrency.c.scope]),
                 [{"s": scope, "c": capacities[scope]} for scope in missing],
             )
-        rows = _lock(
-            connection,
-            dialect,
-            select(concurrency.c.scope, concurrency.c.in_use, concurrency.c.capacity).where(
-                concurrency.c.scope.in_(scopes)
-            ),
-            skip_locked=True,
-        ).all()
+        rows = connection.execute(_COUNTERS[dialect], {"scopes": scopes}).all()
         in_use = {row.scope: int(row.in_use) for row in rows}
         if known is not None:  # a row skipped (or gone) is created again if need be
             known.difference_update(scope for scope in scopes if scope not in in_use)
@@ -300,7 +305,7 @@ def admit_limited(
                 budget[group] = budget.get(group, 0) + riders_per_slot
 
     for change in _grouped(taken):
-        connection.execute(_TAKE, change)
+        connection.execute(_TAKE[dialect], change)
     if stale_capacity:  # a task's cap changed: show the new one
         connection.execute(
             update(concurrency)
@@ -363,13 +368,13 @@ def _release_statement(dialect: str) -> Any:
     if dialect == "sqlite":
         return (
             update(concurrency)
-            .where(concurrency.c.scope.in_(bindparam("scopes", expanding=True)))
+            .where(one_of(concurrency.c.scope, "scopes", dialect))
             .values(in_use=func.max(concurrency.c.in_use - bindparam("n"), 0))
             .returning(concurrency.c.scope, concurrency.c.parked)
         )
     locked = (
         select(concurrency.c.scope)
-        .where(concurrency.c.scope.in_(bindparam("scopes", expanding=True)))
+        .where(one_of(concurrency.c.scope, "scopes", dialect))
         .order_by(concurrency.c.scope)
         .with_for_update()
         .cte("locked")
@@ -383,11 +388,9 @@ def _release_statement(dialect: str) -> Any:
     )
 
 
-_RELEASE = {dialect: _release_statement(dialect) for dialect in ("sqlite", "postgresql")}
-_FLAG_PARKED = (
-    update(concurrency)
-    .where(concurrency.c.scope.in_(bindparam("scopes", expanding=True)))
-    .values(parked=1)
+_RELEASE = per_dialect(_release_statement)
+_FLAG_PARKED = per_dialect(
+    lambda d: update(concurrency).where(one_of(concurrency.c.scope, "scopes", d)).values(parked=1)
 )
 
 
@@ -404,7 +407,7 @@ def park(connection: Connection, decision: Admission) -> None:
     else:
         return
     # The scopes' rows are locked by this claim: no release can miss the flag.
-    connection.execute(_FLAG_PARKED, {"scopes": decision.parked_scopes})
+    connection.execute(_FLAG_PARKED[connection.dialect.name], {"scopes": decision.parked_scopes})
 
 
 def unpark(connection: Connection, freed: dict[str, int]) -> None:
@@ -428,13 +431,13 @@ def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
     unpark(connection, {scope: n for scope, n in sorted(freed.items()) if scope in parked})
 
 
-_FORGET = delete(job_scopes).where(job_scopes.c.job_id.in_(bindparam("ids", expanding=True)))
+_FORGET = per_dialect(lambda d: delete(job_scopes).where(one_of(job_scopes.c.job_id, "ids", d)))
 
 
 def forget_scopes(connection: Connection, finished: Sequence[str]) -> None:
     """Drop the scope rows of capped jobs that reached a terminal state."""
     if finished:
-        connection.execute(_FORGET, {"ids": list(finished)})
+        connection.execute(_FORGET[connection.dialect.name], {"ids": list(finished)})
 
 
 @dataclass
