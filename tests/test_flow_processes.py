@@ -180,6 +180,33 @@ def test_a_global_cap_of_two_is_reached_and_never_exceeded_by_three_processes(
 
 
 @pytest.mark.slow
+def test_short_jobs_under_caps_ride_on_held_slots_and_never_exceed_them(
+    client: Reliable, processes: Processes, spans_dir: Path
+) -> None:
+    """Hundreds of short jobs of ``concurrency=2`` and of ``Concurrency(2, key=tenant)``
+    drained by 3 worker processes x 4 threads, where workers hand slots on to riders
+    and board parked jobs: every cap is reached and never exceeded, each job runs once,
+    and every slot is back at the end."""
+    tenants = ("acme", "globex", "initech")
+    ids = [task(client, "capped").enqueue(n, 0.01).id for n in range(150)]
+    ids += [task(client, "per_tenant").enqueue(tenants[n % 3], n, 0.01).id for n in range(150)]
+    start_workers(
+        processes, client, 3, RELIABLE_LEASE_SECONDS=CALM_LEASE, FLOW_APP_SPANS=str(spans_dir)
+    )
+    wait_all_succeeded(client, processes, len(ids), 60)
+
+    spans = read_spans(spans_dir)
+    assert sorted(s.job_id for s in spans) == sorted(ids), describe(spans)  # once each
+    by_key: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for s in spans:
+        assert s.end is not None
+        by_key[s.key].append((s.start, s.end))
+    overlaps = {key: max_overlap(intervals) for key, intervals in by_key.items()}
+    assert overlaps == dict.fromkeys(("*", *tenants), 2), f"{overlaps}\n{describe(spans)}"
+    assert all(slot["in_use"] == 0 for slot in client.flow_state()["concurrency"])
+
+
+@pytest.mark.slow
 def test_a_per_key_cap_of_two_is_reached_and_never_exceeded_for_each_of_three_keys(
     client: Reliable, processes: Processes, spans_dir: Path
 ) -> None:
