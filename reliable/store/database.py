@@ -380,10 +380,12 @@ class Store:
             params["tasks"] = list(tasks)
         groups: dict[str, str] = {}
         holding: set[str] = set()
+        taken: dict[str, int] = {}
         with self._write() as connection:
             discarded, orphans, kept = (
                 self._settle(connection, worker_id, finished) if finished else ([], [], [])
             )
+            flow.lock_kept(connection, kept)
             if limit > 0:
                 filtered = tasks is not None
                 if limited:
@@ -405,6 +407,7 @@ class Store:
                         flow.board_parked(connection, self.dialect, decision, now)
                     kept = flow.adopt(decision, kept)
                     groups, holding = decision.groups, set(decision.holding_slots)
+                    taken = decision.taken
                     ids = [r.id for r in candidates if not r.limits]
                     ids += decision.granted + decision.riders
                     rows: Sequence[Any] = ()
@@ -439,7 +442,8 @@ class Store:
                     )
                     for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
                 ]
-            flow.release_slots(connection, kept)  # kept for riders, but none came
+            # The slots granted here, and those kept for riders that none took.
+            flow.adjust(connection, taken, kept)
         if finished:
             self._notify_changed()
         return ClaimResult(claimed, discarded, orphans, bool(kept))

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, select, update
+from sqlalchemy import Connection, bindparam, case, delete, func, or_, select, update
 
 from ..errors import RateLimited
 from .lists import one_of, per_dialect
@@ -51,6 +51,7 @@ class Admission:
     riders: list[str] = field(default_factory=list)
     groups: dict[str, str] = field(default_factory=dict)  # job id -> slot group
     budget: dict[str, int] = field(default_factory=dict)  # riders each group may still take
+    taken: dict[str, int] = field(default_factory=dict)  # slots granted, per scope
     # Scopes found full, and the candidates they blocked: to be parked.
     parked_scopes: list[str] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)
@@ -304,8 +305,7 @@ def admit_limited(
             if riders_per_slot:
                 budget[group] = budget.get(group, 0) + riders_per_slot
 
-    for change in _grouped(taken):
-        connection.execute(_TAKE[dialect], change)
+    decision.taken = taken  # written by ``adjust`` with the claim's releases
     if stale_capacity:  # a task's cap changed: show the new one
         connection.execute(
             update(concurrency)
@@ -389,6 +389,38 @@ def _release_statement(dialect: str) -> Any:
 
 
 _RELEASE = per_dialect(_release_statement)
+
+
+def _adjust_statement(dialect: str) -> Any:
+    """Add ``:u`` slots in use to each of ``:up`` and give back ``:d`` of each of
+    ``:down``; returns each scope's parked flag. Rows locked in one order as above."""
+    up = one_of(concurrency.c.scope, "up", dialect)
+    change = concurrency.c.in_use + case((up, bindparam("u")), else_=-bindparam("d"))
+    either = or_(up, one_of(concurrency.c.scope, "down", dialect))
+    if dialect == "sqlite":
+        return (
+            update(concurrency)
+            .where(either)
+            .values(in_use=func.max(change, 0))
+            .returning(concurrency.c.scope, concurrency.c.parked)
+        )
+    locked = (
+        select(concurrency.c.scope)
+        .where(either)
+        .order_by(concurrency.c.scope)
+        .with_for_update()
+        .cte("locked")
+        .prefix_with("MATERIALIZED")
+    )
+    return (
+        update(concurrency)
+        .where(concurrency.c.scope == locked.c.scope)
+        .values(in_use=func.greatest(change, 0))
+        .returning(concurrency.c.scope, concurrency.c.parked)
+    )
+
+
+_ADJUST = per_dialect(_adjust_statement)
 _FLAG_PARKED = per_dialect(
     lambda d: update(concurrency).where(one_of(concurrency.c.scope, "scopes", d)).values(parked=1)
 )
@@ -416,14 +448,68 @@ def unpark(connection: Connection, freed: dict[str, int]) -> None:
         connection.execute(_UNPARK, [{"b_scope": s, "b_count": n} for s, n in freed.items()])
 
 
+def _count(held: Sequence[str | None]) -> dict[str, int]:
+    """Slots per scope held by attempts whose jobs' limits JSON are ``held``."""
+    slots: dict[str, int] = {}
+    for document in held:
+        if document:
+            for scope, _ in parse(document).caps:
+                slots[scope] = slots.get(scope, 0) + 1
+    return slots
+
+
+_LOCK_IN_ORDER = (
+    select(concurrency.c.scope)
+    .where(one_of(concurrency.c.scope, "scopes", "postgresql"))
+    .order_by(concurrency.c.scope)
+    .with_for_update()
+)
+
+
+def lock_kept(connection: Connection, kept: Sequence[str | None]) -> None:
+    """Lock the counters of slots kept for riders before the claim locks any other (on
+    PostgreSQL, in one order): giving them back at its end then waits for nobody, so
+    no two claims can wait for each other."""
+    if kept and connection.dialect.name == "postgresql":
+        connection.execute(_LOCK_IN_ORDER, {"scopes": sorted(_count(kept))}).all()
+
+
+def adjust(
+    connection: Connection, taken: Mapping[str, int], released: Sequence[str | None]
+) -> None:
+    """Take the ``taken`` slots (per scope) and give back those of ``released`` (limits
+    JSON), netted per scope, in one statement when the amounts allow."""
+    delta = dict(taken)
+    for scope, count in _count(released).items():
+        delta[scope] = delta.get(scope, 0) - count
+    ups = {scope: n for scope, n in delta.items() if n > 0}
+    downs = {scope: -n for scope, n in delta.items() if n < 0}
+    if len(set(ups.values())) > 1 or len(set(downs.values())) > 1:
+        for change in _grouped(ups):
+            connection.execute(_TAKE[connection.dialect.name], change)
+        _release(connection, downs)
+        return
+    if not ups and not downs:
+        return
+    rows = connection.execute(
+        _ADJUST[connection.dialect.name],
+        {
+            "up": sorted(ups),
+            "u": next(iter(ups.values()), 0),
+            "down": sorted(downs),
+            "d": next(iter(downs.values()), 0),
+        },
+    )
+    parked = {row.scope for row in rows if row.parked and row.scope in downs}
+    unpark(connection, {scope: n for scope, n in sorted(downs.items()) if scope in parked})
+
+
 def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
     """Give back the slots of attempts that ended; ``held`` are their jobs' limits JSON."""
-    freed: dict[str, int] = {}
-    for document in held:
-        if not document:
-            continue
-        for scope, _ in parse(document).caps:
-            freed[scope] = freed.get(scope, 0) + 1
+    _release(connection, _count(held))
+
+
+def _release(connection: Connection, freed: dict[str, int]) -> None:
     parked: set[str] = set()
     for change in _grouped(freed):
         rows = connection.execute(_RELEASE[connection.dialect.name], change)
