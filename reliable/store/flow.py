@@ -360,63 +360,44 @@ _UNPARK = (
 )
 
 
-def _release_statement(dialect: str) -> Any:
-    """Give back ``:n`` slots of each of ``:scopes``; returns each scope's parked flag.
-
-    On PostgreSQL the rows are locked in one order first, so that transactions releasing
-    overlapping scopes cannot deadlock (SQLite has a single writer)."""
-    if dialect == "sqlite":
-        return (
-            update(concurrency)
-            .where(one_of(concurrency.c.scope, "scopes", dialect))
-            .values(in_use=func.max(concurrency.c.in_use - bindparam("n"), 0))
-            .returning(concurrency.c.scope, concurrency.c.parked)
+def _change_counters(dialect: str, where: Any, in_use: Any) -> Any:
+    """Set the counters ``where`` selects to ``in_use`` (never below 0); returns each
+    scope's parked flag. On PostgreSQL the rows are locked in one order first, so that
+    transactions changing overlapping scopes cannot deadlock (SQLite has one writer)."""
+    statement = update(concurrency)
+    if dialect == "postgresql":
+        locked = (
+            select(concurrency.c.scope)
+            .where(where)
+            .order_by(concurrency.c.scope)
+            .with_for_update()
+            .cte("locked")
+            .prefix_with("MATERIALIZED")
         )
-    locked = (
-        select(concurrency.c.scope)
-        .where(one_of(concurrency.c.scope, "scopes", dialect))
-        .order_by(concurrency.c.scope)
-        .with_for_update()
-        .cte("locked")
-        .prefix_with("MATERIALIZED")
-    )
-    return (
-        update(concurrency)
-        .where(concurrency.c.scope == locked.c.scope)
-        .values(in_use=func.greatest(concurrency.c.in_use - bindparam("n"), 0))
-        .returning(concurrency.c.scope, concurrency.c.parked)
+        statement = statement.where(concurrency.c.scope == locked.c.scope)
+    else:
+        statement = statement.where(where)
+    floor = func.greatest if dialect == "postgresql" else func.max
+    return statement.values(in_use=floor(in_use, 0)).returning(
+        concurrency.c.scope, concurrency.c.parked
     )
 
 
-_RELEASE = per_dialect(_release_statement)
+# Give back ``:n`` slots of each of ``:scopes``.
+_RELEASE = per_dialect(
+    lambda d: _change_counters(
+        d, one_of(concurrency.c.scope, "scopes", d), concurrency.c.in_use - bindparam("n")
+    )
+)
 
 
 def _adjust_statement(dialect: str) -> Any:
-    """Add ``:u`` slots in use to each of ``:up`` and give back ``:d`` of each of
-    ``:down``; returns each scope's parked flag. Rows locked in one order as above."""
+    """Add ``:u`` slots in use to each of ``:up`` and give back ``:d`` of each of ``:down``."""
     up = one_of(concurrency.c.scope, "up", dialect)
-    change = concurrency.c.in_use + case((up, bindparam("u")), else_=-bindparam("d"))
-    either = or_(up, one_of(concurrency.c.scope, "down", dialect))
-    if dialect == "sqlite":
-        return (
-            update(concurrency)
-            .where(either)
-            .values(in_use=func.max(change, 0))
-            .returning(concurrency.c.scope, concurrency.c.parked)
-        )
-    locked = (
-        select(concurrency.c.scope)
-        .where(either)
-        .order_by(concurrency.c.scope)
-        .with_for_update()
-        .cte("locked")
-        .prefix_with("MATERIALIZED")
-    )
-    return (
-        update(concurrency)
-        .where(concurrency.c.scope == locked.c.scope)
-        .values(in_use=func.greatest(change, 0))
-        .returning(concurrency.c.scope, concurrency.c.parked)
+    return _change_counters(
+        dialect,
+        or_(up, one_of(concurrency.c.scope, "down", dialect)),
+        concurrency.c.in_use + case((up, bindparam("u")), else_=-bindparam("d")),
     )
 
 
