@@ -1,12 +1,19 @@
 """Flow control costs: drain rates under caps, and the price of a rate-limit check.
 
-    python -m bench.flow [--quick]
+    python -m bench.flow [--quick] [--no-peers]
 
 For SQLite and PostgreSQL, in one run: the drain rate of no-op jobs with one worker
 process (4 threads) for an uncapped task, ``concurrency=4``, ``Concurrency(1, key=...)``
 over 100 keys, and a rate limit set far above the drain rate, each as a ratio of the
-uncapped rate; and the enqueue rate with and without ``rate_limit``. Writes
-bench/results/flow.json and the "flow control" section of docs/benchmarks.md.
+uncapped rate; and the enqueue rate with and without ``rate_limit``. The cases take
+turns, three rounds of them (one with --quick), and each figure is the median of its
+runs: the machine's speed drifts more between minutes than the cases differ.
+
+Then, in the same run, the same drains by DBOS and PgQueuer (bench/peers/flow_peers.py,
+run with the interpreter of bench/peers/.venv, which ``make peers-venv`` creates;
+skipped with a note when it is missing or with --no-peers).
+
+Writes bench/results/flow.json and the "flow control" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +44,11 @@ POSTGRES = os.environ.get(
 )
 THREADS = 4
 KEYS = 100
+# The peers drain a few hundred jobs per second: fewer jobs keep their turn short.
+PEER_JOBS = 4000
+PEER_JOBS_QUICK = 1000
+PEERS_PYTHON = ROOT / "bench" / "peers" / ".venv" / "bin" / "python"
+PEERS_SCRIPT = ROOT / "bench" / "peers" / "flow_peers.py"
 
 
 def fresh_postgres(url: str) -> str:
@@ -145,18 +158,23 @@ def enqueue_rate(url: str, case: str, count: int) -> float:
     return rate
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, peers: bool) -> dict[str, Any]:
     count = 4000 if quick else 20000
     enqueues = 300 if quick else 2000
+    rounds = 1 if quick else 3
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as directory:
         workdir = Path(directory)
         for backend in ("SQLite", "PostgreSQL"):
-            figures: dict[str, Any] = {}
-            for n, case in enumerate(CASES):
-                url = fresh_url(backend, workdir, f"drain{n}")
-                figures[case] = {"drain": drain(url, case, count, workdir)}
-                print(f"{backend:<10} drain  {case:<24} {figures[case]['drain']:>8,.0f} jobs/s")
+            runs: dict[str, list[float]] = {case: [] for case in CASES}
+            for turn in range(rounds):
+                for n, case in enumerate(CASES):
+                    url = fresh_url(backend, workdir, f"drain{turn}-{n}")
+                    runs[case].append(drain(url, case, count, workdir))
+                    print(f"{backend:<10} drain  {case:<24} {runs[case][-1]:>8,.0f} jobs/s")
+            figures: dict[str, Any] = {
+                case: {"drain": statistics.median(runs[case]), "runs": runs[case]} for case in CASES
+            }
             base = figures["uncapped"]["drain"]
             for case in CASES:
                 figures[case]["ratio"] = figures[case]["drain"] / base
@@ -170,9 +188,30 @@ def run(quick: bool) -> dict[str, Any]:
         "command": "python -m bench.flow" + (" --quick" if quick else ""),
         "jobs": count,
         "threads": THREADS,
+        "rounds": rounds,
         "load_average": os.getloadavg()[0],
         "results": results,
+        "peers": run_peers(PEER_JOBS_QUICK if quick else PEER_JOBS)
+        if peers
+        else {"skipped": "--no-peers"},
     }
+
+
+def run_peers(count: int) -> dict[str, Any]:
+    """The peers' figures (bench/peers/flow_peers.py, ``count`` jobs), or why none."""
+    if not PEERS_PYTHON.exists():
+        return {"skipped": "bench/peers/.venv is missing: run `make peers-venv` first"}
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "peers.json"
+        done = subprocess.run(
+            [str(PEERS_PYTHON), str(PEERS_SCRIPT), "--jobs", str(count), "--out", str(out)],
+            cwd=ROOT,
+        )
+        if done.returncode != 0 or not out.exists():
+            return {"skipped": f"bench/peers/flow_peers.py exited with {done.returncode}"}
+        report: dict[str, Any] = json.loads(out.read_text())
+    report.get("notes", {})["command"] = f"bench/peers/flow_peers.py --jobs {count}"
+    return report
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -183,16 +222,20 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Measured on {report['date']} with `{report['command']}`: drain of "
         f"{report['jobs']:,} no-op jobs by one worker process with {report['threads']} "
-        f"threads (one-minute load average at the end: {report['load_average']:.2f}).",
+        f"threads, from the first attempt's start to the last one's end; each figure the "
+        f"median of {report['rounds']} runs, the cases taking turns (one-minute load "
+        f"average at the end: {report['load_average']:.2f}).",
         "",
-        "| database | case | drain, jobs/s | x uncapped | enqueue, jobs/s |",
-        "|---|---|--:|--:|--:|",
+        "| database | case | drain, jobs/s | x uncapped | runs | enqueue, jobs/s |",
+        "|---|---|--:|--:|---|--:|",
     ]
     for backend, figures in report["results"].items():
         for case, row in figures.items():
             enqueue = f"{row['enqueue']:,.0f}" if "enqueue" in row else ""
+            runs = ", ".join(f"{run:,.0f}" for run in row.get("runs", ()))
             lines.append(
-                f"| {backend} | {case} | {row['drain']:,.0f} | {row['ratio']:.2f} | {enqueue} |"
+                f"| {backend} | {case} | {row['drain']:,.0f} | {row['ratio']:.2f} | {runs} "
+                f"| {enqueue} |"
             )
     lines += [
         "",
@@ -200,9 +243,56 @@ def markdown(report: dict[str, Any]) -> str:
         "difference between the two enqueue rates (each enqueue with a rate limit also",
         "locks the scope's row, prunes and counts its window, and records the admission).",
         "",
+        *peers_markdown(report),
         "<!-- bench.flow:end -->",
     ]
     return "\n".join(lines) + "\n"
+
+
+def figure(row: dict[str, Any] | None) -> str:
+    """A peer's drain and its ratio to its own uncapped drain, or why there is none."""
+    if row is None:
+        return "-"
+    if "drain" not in row:
+        reason = row.get("skipped") or row.get("timeout") or row.get("error") or "no figure"
+        return f"none ({reason})" if len(str(reason)) < 60 else "none (see flow.json)"
+    ratio = f" ({row['ratio']:.2f}x)" if row.get("ratio") is not None else ""
+    return f"{row['drain']:,.0f}{ratio}"
+
+
+def peers_markdown(report: dict[str, Any]) -> list[str]:
+    """The peers beside reliable on PostgreSQL, when they were measured."""
+    peers = report.get("peers", {})
+    if "peers" not in peers:
+        return [f"Peers: not measured in this run ({peers.get('skipped', 'no figures')}).", ""]
+    ours = report["results"]["PostgreSQL"]
+    cases = CASES[:3]
+    lines = [
+        "### Beside DBOS and PgQueuer, on PostgreSQL",
+        "",
+        "Drain in jobs/s and, in brackets, the ratio to the same library's uncapped drain,",
+        f"in the same run: reliable as above ({report['jobs']:,} jobs), the peers by",
+        f"bench/peers/flow_peers.py ({peers['jobs']:,} jobs each; they drain far slower),",
+        "one worker process each. How each peer is set up, and why, is in that file's",
+        "docstring; `4 in flight` holds at most 4 jobs at once as reliable's 4 threads do,",
+        "`unbounded claims` is the peer's default claiming.",
+        "",
+        "| library | " + " | ".join(cases) + " |",
+        "|---|" + "--:|" * len(cases),
+        "| reliable (4 threads) | "
+        + " | ".join(f"{ours[c]['drain']:,.0f} ({ours[c]['ratio']:.2f}x)" for c in cases)
+        + " |",
+    ]
+    notes = []
+    for name, info in peers["peers"].items():
+        variants = {"4 in flight": info, **info.get("variants", {})}
+        for variant, setup in variants.items():
+            row = [figure(setup.get("cases", {}).get(case)) for case in cases]
+            label = f"{name} {info.get('version', '?')} ({variant})"
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+            if setup.get("config"):
+                notes.append(f"- {label}: {setup['config']}")
+    return [*lines, "", *notes, ""]
 
 
 def write_docs(section: str, marker: str = "bench.flow") -> None:
@@ -222,8 +312,9 @@ def write_docs(section: str, marker: str = "bench.flow") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer jobs, for a smoke run")
+    parser.add_argument("--no-peers", action="store_true", help="leave DBOS and PgQueuer out")
     args = parser.parse_args()
-    report = run(args.quick)
+    report = run(args.quick, peers=not args.no_peers)
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     name = "flow-quick.json" if args.quick else "flow.json"
