@@ -100,8 +100,18 @@ def load_jobs(url: str, case: str, count: int) -> None:
     app.close()
 
 
-def drain(url: str, case: str, count: int, workdir: Path) -> float:
-    """Jobs per second from the first attempt's start to the last one's end."""
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``; else None)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drain(url: str, case: str, count: int, workdir: Path) -> tuple[float, float | None]:
+    """Jobs per second from the first attempt's start to the last one's end, and the
+    worker process's CPU time per job (µs) while it drained (None where unknown)."""
     load_jobs(url, case, count)
     env = {**os.environ, "RELIABLE_DATABASE_URL": url, "BENCH_FLOW_CASE": case}
     env["RELIABLE_EMBEDDED_WORKER"] = "0"
@@ -123,26 +133,33 @@ def drain(url: str, case: str, count: int, workdir: Path) -> float:
     )
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     deadline = time.monotonic() + max(120.0, count / 50)
+    started: tuple[int, float | None] | None = None  # (jobs done, CPU) once draining
     try:
         while True:
             with engine.connect() as connection:
                 done = connection.execute(
                     select(func.count()).where(jobs.c.status == "succeeded")
                 ).scalar_one()
+                if started is None and done > 0:
+                    started = (done, cpu_seconds(worker.pid))
                 if done >= count:
+                    ended = cpu_seconds(worker.pid)
                     first, last = connection.execute(
                         select(func.min(jobs.c.started_at), func.max(jobs.c.finished_at))
                     ).one()
                     break
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{case}: {done} of {count} done; see {workdir / 'worker.log'}")
-            time.sleep(0.25)
+            time.sleep(0.1 if started is None else 0.25)
     finally:
         worker.terminate()
         worker.wait(30)
         engine.dispose()
         log.close()
-    return count / (last - first)
+    cpu = None
+    if started is not None and started[1] is not None and ended is not None and count > started[0]:
+        cpu = (ended - started[1]) / (count - started[0]) * 1e6
+    return count / (last - first), cpu
 
 
 def enqueue_rate(url: str, case: str, count: int) -> float:
@@ -167,13 +184,22 @@ def run(quick: bool, peers: bool) -> dict[str, Any]:
         workdir = Path(directory)
         for backend in ("SQLite", "PostgreSQL"):
             runs: dict[str, list[float]] = {case: [] for case in CASES}
+            cpus: dict[str, list[float]] = {case: [] for case in CASES}
             for turn in range(rounds):
                 for n, case in enumerate(CASES):
                     url = fresh_url(backend, workdir, f"drain{turn}-{n}")
-                    runs[case].append(drain(url, case, count, workdir))
-                    print(f"{backend:<10} drain  {case:<24} {runs[case][-1]:>8,.0f} jobs/s")
+                    rate, cpu = drain(url, case, count, workdir)
+                    runs[case].append(rate)
+                    if cpu is not None:
+                        cpus[case].append(cpu)
+                    print(f"{backend:<10} drain  {case:<24} {rate:>8,.0f} jobs/s")
             figures: dict[str, Any] = {
-                case: {"drain": statistics.median(runs[case]), "runs": runs[case]} for case in CASES
+                case: {
+                    "drain": statistics.median(runs[case]),
+                    "runs": runs[case],
+                    "cpu_us_per_job": statistics.median(cpus[case]) if cpus[case] else None,
+                }
+                for case in CASES
             }
             base = figures["uncapped"]["drain"]
             for case in CASES:
@@ -226,22 +252,26 @@ def markdown(report: dict[str, Any]) -> str:
         f"median of {report['rounds']} runs, the cases taking turns (one-minute load "
         f"average at the end: {report['load_average']:.2f}).",
         "",
-        "| database | case | drain, jobs/s | x uncapped | runs | enqueue, jobs/s |",
-        "|---|---|--:|--:|---|--:|",
+        "| database | case | drain, jobs/s | x uncapped | runs | worker CPU, µs/job "
+        "| enqueue, jobs/s |",
+        "|---|---|--:|--:|---|--:|--:|",
     ]
     for backend, figures in report["results"].items():
         for case, row in figures.items():
             enqueue = f"{row['enqueue']:,.0f}" if "enqueue" in row else ""
             runs = ", ".join(f"{run:,.0f}" for run in row.get("runs", ()))
+            cpu = row.get("cpu_us_per_job")
             lines.append(
                 f"| {backend} | {case} | {row['drain']:,.0f} | {row['ratio']:.2f} | {runs} "
-                f"| {enqueue} |"
+                f"| {'' if cpu is None else f'{cpu:,.0f}'} | {enqueue} |"
             )
     lines += [
         "",
-        "Aim: every capped figure >= 0.75 x uncapped. The rate-limit check's cost is the",
-        "difference between the two enqueue rates (each enqueue with a rate limit also",
-        "locks the scope's row, prunes and counts its window, and records the admission).",
+        "Aim: every capped figure >= 0.75 x uncapped. Worker CPU is the worker process's",
+        "user + system time while it drained, per job (median of the runs). The rate-limit",
+        "check's cost is the difference between the two enqueue rates (each enqueue with a",
+        "rate limit also locks the scope's row, prunes and counts its window, and records",
+        "the admission).",
         "",
         *peers_markdown(report),
         "<!-- bench.flow:end -->",
