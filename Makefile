@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo quickstart bench clean
+.PHONY: install test lint demo quickstart bench peers-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ quickstart: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.core
+
+peers-venv:
+	PYTHON=$(PYTHON) bench/peers/setup.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
