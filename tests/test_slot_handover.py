@@ -209,6 +209,18 @@ def blocked_on(rel: Reliable, job_id: str) -> str | None:
 # -- worker threads ------------------------------------------------------------------------
 
 
+def drain(app: Reliable, total: int) -> None:
+    """Run a worker of 4 threads until ``total`` jobs have succeeded, then stop it."""
+    app.start_worker(threads=4)
+    try:
+        deadline = time.monotonic() + 60
+        while app.store.count_by_status().get("succeeded", 0) < total:
+            assert time.monotonic() < deadline, app.store.count_by_status()
+            time.sleep(0.02)
+    finally:
+        app.stop_worker()
+
+
 def test_short_jobs_under_a_cap_run_as_riders_and_never_exceed_it(db_url: str) -> None:
     app = Reliable(db_url, embedded_worker=False)
     lock = threading.Lock()
@@ -235,17 +247,44 @@ def test_short_jobs_under_a_cap_run_as_riders_and_never_exceed_it(db_url: str) -
         return claim_(*args, **kwargs)
 
     app.store.claim = counting_claim  # type: ignore[method-assign]
-    app.start_worker(threads=4)
-    try:
-        deadline = time.monotonic() + 60
-        while app.store.count_by_status().get("succeeded", 0) < len(handles):
-            assert time.monotonic() < deadline, app.store.count_by_status()
-            time.sleep(0.02)
-    finally:
-        app.stop_worker()
+    drain(app, len(handles))
     assert most == 2
     assert in_use(app) == 0
     assert all(app.get_job(h.id).attempts == 1 for h in handles)
     # Riders: many jobs per transaction, though only two may run at once.
     assert rounds < len(handles) / 4
+    app.close()
+
+
+def test_stopping_a_worker_with_riders_waiting_gives_everything_back(db_url: str) -> None:
+    """Stopped mid-drain, a worker releases the riders it had not started (uncounted)
+    and the slots it held; another worker then finishes every job, each once."""
+    app = Reliable(db_url, embedded_worker=False)
+    runs: dict[int, int] = {}
+    lock = threading.Lock()
+
+    @app.task(name="work", concurrency=2)
+    def work(i: int) -> int:
+        with lock:
+            runs[i] = runs.get(i, 0) + 1
+        time.sleep(0.001)
+        return i
+
+    handles = [work.enqueue(i) for i in range(600)]
+    app.start_worker(threads=4)
+    deadline = time.monotonic() + 30
+    while app.store.count_by_status().get("succeeded", 0) < 100:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    app.stop_worker(timeout=1)
+
+    counts = app.store.count_by_status()
+    assert counts.get("running", 0) == 0, counts
+    assert counts.get("succeeded", 0) < len(handles)  # stopped mid-drain
+    assert in_use(app) == 0
+    drain(app, len(handles))
+    assert sorted(runs) == list(range(len(handles)))
+    assert set(runs.values()) == {1}
+    assert all(app.get_job(h.id).attempts == 1 for h in handles)
+    assert in_use(app) == 0
     app.close()
