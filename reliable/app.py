@@ -163,6 +163,10 @@ class Reliable:
         """Whether any task here has a concurrency cap or a throttle (checked at claim)."""
         return any(task.options.flow.limited_at_claim for task in self.tasks.values())
 
+    def rate_limited(self) -> bool:
+        """Whether any task here has a rate limit (its admissions are pruned by workers)."""
+        return any(task.options.flow.rate_limits for task in self.tasks.values())
+
     def queues(self) -> list[str]:
         """Every queue a registered task uses (and ``default``)."""
         return sorted({DEFAULT_QUEUE, *(task.options.queue for task in self.tasks.values())})

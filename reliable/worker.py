@@ -302,6 +302,8 @@ class Worker:
                         self.wake()
                     if self.app.limited_at_claim() and self.store.sweep_parked():
                         self.wake()
+                    if self.app.rate_limited():
+                        self.store.prune_rate_events(self.app.clock.now())
                     next_recovery = now + lease / 2 * random.uniform(0.75, 1.25)
                 failures = 0
             except Exception as exc:  # the dispatcher must outlive any one failure

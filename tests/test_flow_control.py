@@ -288,3 +288,30 @@ def test_flow_state_shows_slots_and_windows(rel: Reliable, clock: ManualClock) -
         2,
         60.0,
     )
+
+
+def test_admissions_are_pruned_only_once_no_window_can_count_them(
+    rel: Reliable, clock: ManualClock
+) -> None:
+    @rel.task(rate_limit="2/10s")
+    def ping(n: int) -> None: ...
+
+    from sqlalchemy import func, select
+
+    from reliable.store.schema import rate_events
+
+    def kept() -> int:
+        with rel.store.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(rate_events)).scalar())
+
+    ping.enqueue(0)
+    clock.advance(1)
+    ping.enqueue(1)
+    with pytest.raises(RateLimited):
+        ping.enqueue(2)  # the window holds both, pruned or not
+    assert rel.store.prune_rate_events(clock.now() + 50) == 0  # a period and a minute: kept
+    assert kept() == 2
+    clock.advance(10)
+    ping.enqueue(3)  # the first left the window: admitted without any pruning
+    assert rel.store.prune_rate_events(clock.now() + 80) == 3
+    assert kept() == 0

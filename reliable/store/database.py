@@ -794,6 +794,11 @@ class Store:
             ).first()
         return found is not None
 
+    def prune_rate_events(self, now: float) -> int:
+        """Delete rate-limit admissions that no window counts any more; see ``flow``."""
+        with self._write() as connection:
+            return flow.prune_rate_events(connection, now)
+
     def sweep_parked(self) -> int:
         """Unpark jobs of concurrency scopes that have free slots; see ``flow``."""
         with self._write() as connection:
