@@ -438,11 +438,12 @@ class Worker:
         to a rider of its group claimed in the same transaction if there is one. Returns
         how many are kept per group."""
         kept: dict[str, int] = {}
+        position = {id(outcome): at for at, outcome in enumerate(finished)} if keep else {}
         for group, vacant in self._vacant.items():
             for slot, outcome in vacant:
                 self._drop(slot)
                 if keep:
-                    at = next(i for i, o in enumerate(finished) if o is outcome)
+                    at = position[id(outcome)]
                     finished[at] = replace(outcome, keep_slots=True)
                     kept[group] = kept.get(group, 0) + 1
         self._vacant.clear()

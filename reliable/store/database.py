@@ -19,7 +19,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..errors import ConfigError, StoreError
 from . import flow, postgres, sqlite, steps
-from .lists import one_of, per_dialect
+from .lists import among, one_of, per_dialect
 from .migrate import ensure_schema
 from .records import (
     AttemptRow,
@@ -48,11 +48,11 @@ def _due(filtered: bool, dialect: str) -> Select[Any]:
     """Due, unparked jobs of the given queues (and tasks), best first, locked or skipped."""
     conditions = [
         IS_DUE,
-        one_of(jobs.c.queue, "queues", dialect),
+        among(jobs.c.queue, "queues", dialect),
         jobs.c.run_at <= bindparam("now"),
     ]
     if filtered:
-        conditions.append(one_of(jobs.c.task, "tasks", dialect))
+        conditions.append(among(jobs.c.task, "tasks", dialect))
     return (
         select(jobs.c.id)
         .where(*conditions)

@@ -1,27 +1,51 @@
 """``column IN (list)`` with the list bound at execution, built once per dialect.
 
-On PostgreSQL the list is one array parameter (``column = ANY(:name)``): the statement's
-text is the same whatever the list's length, so it is not rendered again for every
-call and the server can keep one prepared plan for it. SQLite gets an expanding ``IN``.
+The statement's text is the same whatever the list's length, so it is compiled once
+and not rendered again for every call: on PostgreSQL the list is one array parameter
+(``column = ANY(:name)``), and the server can keep one prepared plan for it; on SQLite
+it is one JSON parameter, read back as rows by ``json_each`` (``column IN (SELECT value
+FROM json_each(:name))``), which SQLite answers with one index lookup per value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, any_, bindparam
+from sqlalchemy import ColumnElement, String, any_, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.types import TypeDecorator
 
 DIALECTS = ("sqlite", "postgresql")
 
 T = TypeVar("T")
 
 
+class _JSONList(TypeDecorator[Sequence[Any]]):
+    """A list bound as one JSON text parameter."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: Sequence[Any] | None, dialect: Any) -> str | None:
+        return None if value is None else json.dumps(list(value))
+
+
 def one_of(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
     """``column`` is one of the values bound as ``name``."""
     if dialect == "postgresql":
         return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    values = func.json_each(bindparam(name, type_=_JSONList())).table_valued("value")
+    return column.in_(select(values.c.value))
+
+
+def among(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
+    """``column`` is one of the values bound as ``name``, for a filter whose plan depends
+    on them (the queues of a claim): SQLite sees the values, in an expanding ``IN``; on
+    PostgreSQL this is ``one_of``."""
+    if dialect == "postgresql":
+        return one_of(column, name, dialect)
     return column.in_(bindparam(name, expanding=True))
 
 
