@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url
 
 from bench.flow_apps import CASES, build
 from reliable.limits import plan
-from reliable.store.schema import job_scopes, jobs
+from reliable.store.schema import jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES = os.environ.get(
@@ -72,7 +72,7 @@ def load_jobs(url: str, case: str, count: int) -> None:
     app = build(case, url)
     task = app.tasks["work"]
     now = time.time() - 1
-    rows, scopes = [], []
+    rows = []
     for i in range(count):
         key = f"k{i % KEYS}"
         flow = plan("work", task.options.flow, lambda _key, _option, key=key: key)
@@ -91,12 +91,9 @@ def load_jobs(url: str, case: str, count: int) -> None:
                 "limits": flow.limits,
             }
         )
-        scopes += [{"scope": scope, "job_id": job_id} for scope in flow.scopes]
     with app.store.engine.begin() as connection:
         for start in range(0, count, 5000):
             connection.execute(jobs.insert(), rows[start : start + 5000])
-        if scopes:
-            connection.execute(job_scopes.insert(), scopes)
     app.close()
 
 

@@ -213,7 +213,6 @@ class Reliable:
             created_at=now,
             idempotency_key=idempotency_key,
             limits=flow.limits,
-            scopes=flow.scopes,
             rate_limits=flow.rate_limits,
             debounce=flow.debounce,
         )

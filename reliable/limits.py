@@ -331,7 +331,6 @@ class FlowPlan:
     """What the store must enforce for one new job, with its keys resolved."""
 
     limits: str | None = None
-    scopes: tuple[str, ...] = ()
     rate_limits: tuple[RateCheck, ...] = ()
     debounce: DebounceCheck | None = None
 
@@ -370,7 +369,6 @@ def plan(task: str, flow: FlowOptions, resolve: Resolver) -> FlowPlan:
         )
     return FlowPlan(
         limits=json.dumps(document, separators=(",", ":")),
-        scopes=tuple(str(cap[0]) for cap in caps),
         rate_limits=rates,
         debounce=debounce,
     )

@@ -366,7 +366,7 @@ class Worker:
                 wanted > 0
                 and len(result.jobs) < wanted
                 and self._wakes == wakes
-                and not result.freed
+                and not result.again
             ):
                 # Fewer due than asked for, and nothing new since: wait to be woken.
                 self._wanted = False

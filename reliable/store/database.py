@@ -33,9 +33,6 @@ from .records import (
 from .schema import IS_DUE, IS_RUNNING, attempts, idempotency_keys, jobs, workers
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-# The scope rows of finished capped jobs are deleted this many at a time. Until then
-# they are only dead weight: parking looks at due jobs alone.
-FORGET_BATCH = 256
 
 _LOST_ERROR = {
     "type": "WorkerLost",
@@ -44,8 +41,9 @@ _LOST_ERROR = {
 }
 
 
-def _due(filtered: bool, dialect: str) -> Select[Any]:
-    """Due, unparked jobs of the given queues (and tasks), best first, locked or skipped."""
+def _due(filtered: bool, dialect: str, *, locked: bool = True) -> Select[Any]:
+    """Due, unparked jobs of the given queues (and tasks), best first; ``locked``: rows
+    another claimer holds are skipped, the others locked."""
     conditions = [
         IS_DUE,
         among(jobs.c.queue, "queues", dialect),
@@ -53,13 +51,13 @@ def _due(filtered: bool, dialect: str) -> Select[Any]:
     ]
     if filtered:
         conditions.append(among(jobs.c.task, "tasks", dialect))
-    return (
+    due = (
         select(jobs.c.id)
         .where(*conditions)
         .order_by(jobs.c.priority.desc(), jobs.c.run_at)
         .limit(bindparam("limit"))
-        .with_for_update(skip_locked=True)
     )
+    return due.with_for_update(skip_locked=True) if locked else due
 
 
 def _start(where: Any, *, holding: str | None = None) -> Any:
@@ -98,6 +96,9 @@ _START_DUE = per_dialect(
 )
 _CANDIDATES = per_dialect(
     lambda d: {f: _due(f, d).add_columns(jobs.c.limits) for f in (False, True)}
+)
+_PARK_WINDOW = per_dialect(
+    lambda d: {f: flow.park_window_statement(_due(f, d, locked=False), d) for f in (False, True)}
 )
 _START_BY_ID = per_dialect(lambda d: _start(one_of(jobs.c.id, "ids", d), holding=d))
 _TAKE_OVER = per_dialect(
@@ -140,8 +141,9 @@ class ClaimResult:
     jobs: list[ClaimedJob]
     discarded: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
-    # Slots were released after the claim's choice: jobs they unparked are due now.
-    freed: bool = False
+    # Claim again at once: slots were released after the claim's choice (jobs they
+    # unparked are due now), or due jobs it did not look at were parked.
+    again: bool = False
 
 
 def parse_database_url(raw: str) -> URL:
@@ -194,8 +196,6 @@ class Store:
         self._changed = threading.Condition()
         self._rotation = 0
         self._known_scopes: set[str] = set()  # concurrency counter rows that exist
-        self._forget_lock = threading.Lock()
-        self._to_forget: list[str] = []  # finished capped jobs whose scope rows remain
         self._wakers: list[Callable[[], None]] = []
         try:
             ensure_schema(self.engine, auto=auto_migrate)
@@ -281,7 +281,7 @@ class Store:
         When an unexpired key already names a job, nothing is written and that job's id
         is returned with ``created=False`` and the fingerprint it was stored with.
         """
-        if idempotency is None and not (job.rate_limits or job.debounce or job.scopes):
+        if idempotency is None and not (job.rate_limits or job.debounce):
             with self._single_statement() as connection:
                 connection.execute(_INSERT_JOB, self._job_values(job, job.run_at))
             self._wake()
@@ -321,7 +321,6 @@ class Store:
                     return EnqueueResult(pending, False, None, rates)
             run_at = job.run_at + (job.debounce.window if job.debounce else 0.0)
             connection.execute(_INSERT_JOB, self._job_values(job, run_at))
-            flow.insert_scopes(connection, job)
         self._wake()
         fingerprint = idempotency.fingerprint if idempotency else None
         return EnqueueResult(job.id, True, fingerprint, rates)
@@ -378,6 +377,7 @@ class Store:
         }
         if tasks is not None:
             params["tasks"] = list(tasks)
+        parked = False
         groups: dict[str, str] = {}
         holding: set[str] = set()
         taken: dict[str, int] = {}
@@ -414,7 +414,9 @@ class Store:
                     if ids:
                         params.update(ids=ids, holding=decision.holding_slots)
                         rows = connection.execute(_START_BY_ID[self.dialect], params).all()
-                    flow.park(connection, decision)
+                    parked = flow.park(
+                        connection, decision, _PARK_WINDOW[self.dialect][filtered], params
+                    )
                 else:
                     # One queue per statement: with a single queue the due index
                     # yields jobs already in order; ``queue IN (a, b)`` sorts them all.
@@ -446,7 +448,7 @@ class Store:
             flow.adjust(connection, taken, kept)
         if finished:
             self._notify_changed()
-        return ClaimResult(claimed, discarded, orphans, bool(kept))
+        return ClaimResult(claimed, discarded, orphans, bool(kept) or parked)
 
     def settle(self, worker_id: str, finished: Sequence[Outcome]) -> list[str]:
         """Apply the outcomes of finished attempts; return the ids whose lease was gone."""
@@ -510,29 +512,11 @@ class Store:
                     connection.execute(
                         update(jobs).where(jobs.c.id == o.job_id).values(run_at=o.finished_at)
                     )
-            self._forget(
-                connection,
-                [
-                    o.job_id
-                    for o in applied
-                    if o.status in TERMINAL and flow.capped(held[(o.job_id, o.attempt)].limits)
-                ],
-            )
         moves = flow.pass_slots(finished, held)
         if moves.transfers:
             connection.execute(_TAKE_OVER[self.dialect], {"ids": moves.transfers})
         flow.release_slots(connection, moves.released)
         return discarded, moves.orphans, moves.kept
-
-    def _forget(self, connection: Connection, job_ids: Sequence[str], *, now: bool = False) -> None:
-        """Delete the scope rows of finished capped jobs, once a batch has gathered (or
-        ``now``). Rows of a batch whose transaction fails stay behind, harmless."""
-        with self._forget_lock:
-            self._to_forget += job_ids
-            if len(self._to_forget) < (1 if now else FORGET_BATCH):
-                return
-            batch, self._to_forget = self._to_forget, []
-        flow.forget_scopes(connection, batch)
 
     # -- leases -------------------------------------------------------------------------
 
@@ -704,8 +688,6 @@ class Store:
             )
             if row.slots_held:  # a running attempt gives its slots back now
                 flow.release_slots(connection, [row.limits])
-            if flow.capped(row.limits):
-                flow.forget_scopes(connection, [job_id])
         self._notify_changed()
         return True
 
@@ -802,7 +784,6 @@ class Store:
     def sweep_parked(self) -> int:
         """Unpark jobs of concurrency scopes that have free slots; see ``flow``."""
         with self._write() as connection:
-            self._forget(connection, (), now=True)
             return flow.sweep_parked(connection)
 
     def flow_state(self, now: float) -> dict[str, list[dict[str, Any]]]:

@@ -2,10 +2,12 @@
 
 Concurrency: a claim takes a slot of each of the job's scopes (a counter row per
 scope, locked with ``SKIP LOCKED`` on PostgreSQL so claimers never queue behind each
-other). When a scope is full, every waiting job of that scope is *parked*
-(``blocked_on``) in one statement: parked jobs are outside the claim index, so a
-saturated key with a long backlog costs other keys nothing. Each released slot
-unparks the next job of its scope; a periodic sweep repairs what a race let slip.
+other). A job found waiting for a full scope is *parked* (``blocked_on``): parked jobs
+are outside the claim index, so a saturated key with a long backlog costs other keys
+nothing. When every job a claim looked at was blocked, the waiting jobs of the full
+scopes among the next ``PARK_WINDOW`` due ones are parked with them, in one statement
+per scope. Each released slot unparks the next job of its scope; a periodic sweep
+repairs what a race let slip.
 
 Rate limits: a sliding window, exact across processes: the scope's row is locked, the
 admissions of the last period counted, and the job admitted only under the limit.
@@ -32,7 +34,6 @@ from .schema import (
     IS_DUE,
     concurrency,
     debounces,
-    job_scopes,
     jobs,
     rate_events,
     rate_limits,
@@ -56,11 +57,6 @@ class Admission:
     parked_scopes: list[str] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)
     rescheduled: list[tuple[str, float]] = field(default_factory=list)
-
-
-def capped(limits: str | None) -> bool:
-    """Whether a job's limits document (JSON) may name concurrency scopes."""
-    return limits is not None and '"concurrency"' in limits
 
 
 @dataclass(frozen=True)
@@ -335,15 +331,30 @@ _PARK_ONE = (
     .where(jobs.c.id == bindparam("b_id"), IS_DUE)
     .values(blocked_on=bindparam("b_scope"))
 )
-_PARK_ALL = (
-    update(jobs)
-    .where(
-        jobs.c.id.in_(
-            select(job_scopes.c.job_id).where(job_scopes.c.scope == bindparam("b_scope"))
-        ),
-        IS_DUE,
+
+# How many due jobs, from the head of the queue, a claim that found nothing it could
+# start looks through for more jobs of the full scopes, to park them at once.
+PARK_WINDOW = 5000
+
+
+def park_window_statement(window: Any, dialect: str) -> Any:
+    """The ids among ``window`` (a select of due job ids, bound ``:limit``) of the jobs
+    that count against the full scope ``:b_needle`` (the scope as JSON: their limits
+    name it). On PostgreSQL rows another claimer holds are left to it."""
+    find = func.strpos if dialect == "postgresql" else func.instr
+    matching = select(jobs.c.id).where(
+        jobs.c.id.in_(window.scalar_subquery()),
+        find(jobs.c.limits, bindparam("b_needle")) > 0,
     )
-    .values(blocked_on=bindparam("b_scope"))
+    return matching.with_for_update(skip_locked=True) if dialect == "postgresql" else matching
+
+
+_PARK_SOME = per_dialect(
+    lambda d: (
+        update(jobs)
+        .where(one_of(jobs.c.id, "ids", d), IS_DUE)
+        .values(blocked_on=bindparam("b_scope"))
+    )
 )
 _UNPARK = (
     update(jobs)
@@ -407,20 +418,31 @@ _FLAG_PARKED = per_dialect(
 )
 
 
-def park(connection: Connection, decision: Admission) -> None:
-    """Move jobs of full scopes off the claim path (after the granted ones started).
+def park(
+    connection: Connection, decision: Admission, window: Any, params: Mapping[str, Any]
+) -> bool:
+    """Move jobs of full scopes off the claim path (after the granted ones started);
+    return whether jobs the claim did not look at may have been parked.
 
     The blocked candidates go one by one; when a whole round was blocked (a saturated
-    key at the head of the queue), every waiting job of those scopes goes at once.
+    key at the head of the queue), ``window`` (see ``park_window_statement``, with
+    ``params`` for its due jobs) parks every job of those scopes near the head at once.
     """
-    if decision.parked_scopes and not decision.granted and not decision.riders:
-        connection.execute(_PARK_ALL, [{"b_scope": s} for s in decision.parked_scopes])
+    whole = bool(decision.parked_scopes) and not decision.granted and not decision.riders
+    if whole:
+        for scope in decision.parked_scopes:
+            found = {**params, "limit": PARK_WINDOW, "b_needle": json.dumps(scope)}
+            ids = connection.execute(window, found).scalars().all()
+            connection.execute(
+                _PARK_SOME[connection.dialect.name], {"ids": list(ids), "b_scope": scope}
+            )
     elif decision.blocked:
         connection.execute(_PARK_ONE, [{"b_id": i, "b_scope": s} for i, s in decision.blocked])
     else:
-        return
+        return False
     # The scopes' rows are locked by this claim: no release can miss the flag.
     connection.execute(_FLAG_PARKED[connection.dialect.name], {"scopes": decision.parked_scopes})
+    return whole
 
 
 def unpark(connection: Connection, freed: dict[str, int]) -> None:
@@ -496,15 +518,6 @@ def _release(connection: Connection, freed: dict[str, int]) -> None:
         rows = connection.execute(_RELEASE[connection.dialect.name], change)
         parked.update(row.scope for row in rows if row.parked)
     unpark(connection, {scope: n for scope, n in sorted(freed.items()) if scope in parked})
-
-
-_FORGET = per_dialect(lambda d: delete(job_scopes).where(one_of(job_scopes.c.job_id, "ids", d)))
-
-
-def forget_scopes(connection: Connection, finished: Sequence[str]) -> None:
-    """Drop the scope rows of capped jobs that reached a terminal state."""
-    if finished:
-        connection.execute(_FORGET[connection.dialect.name], {"ids": list(finished)})
 
 
 @dataclass
@@ -588,13 +601,6 @@ def sweep_parked(connection: Connection) -> int:
                 .values(parked=0)
             )
     return len(rows)
-
-
-def insert_scopes(connection: Connection, job: NewJob) -> None:
-    if job.scopes:
-        connection.execute(
-            job_scopes.insert(), [{"scope": scope, "job_id": job.id} for scope in job.scopes]
-        )
 
 
 _WINDOW = select(

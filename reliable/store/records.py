@@ -44,7 +44,7 @@ class NewJob:
 
     ``limits`` is the flow-control document stored with the job (JSON text):
     ``{"concurrency": [[scope, capacity], ...], "throttle": [scope, interval],
-    "keys": {...}}``; ``scopes`` its concurrency scopes.
+    "keys": {...}}``.
     """
 
     id: str
@@ -56,7 +56,6 @@ class NewJob:
     created_at: float
     idempotency_key: str | None = None
     limits: str | None = None
-    scopes: tuple[str, ...] = ()
     rate_limits: tuple[RateCheck, ...] = ()
     debounce: DebounceCheck | None = None
 

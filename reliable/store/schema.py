@@ -113,16 +113,6 @@ idempotency_keys = Table(
     Index("ix_reliable_idempotency_keys_expires", "expires_at"),
 )
 
-# Which concurrency scopes a job counts against (to park every waiting job of a scope).
-job_scopes = Table(
-    "reliable_job_scopes",
-    metadata,
-    Column("scope", String(300), nullable=False),
-    Column("job_id", String(32), nullable=False),
-    PrimaryKeyConstraint("scope", "job_id"),
-    Index("ix_reliable_job_scopes_job", "job_id"),
-)
-
 # Slots in use per concurrency scope ("task#cap#key"); capacities live in the code.
 concurrency = Table(
     "reliable_concurrency",
