@@ -264,7 +264,7 @@ class Worker:
                     self._shutdown()
                     return
                 finished, self._finished = self._finished, []
-                kept = self._vacate(finished, keep=self._average_runtime < SHORT_JOB_SECONDS)
+                kept = self._vacate(keep=self._average_runtime < SHORT_JOB_SECONDS)
                 finished.extend(self._expire_deadlines(now))
                 unstarted, self._stranded = self._stranded, []
                 if self._stopping:
@@ -397,8 +397,7 @@ class Worker:
         vacant = self._vacant.get(group)
         if vacant:
             slot, outcome = vacant.pop()
-            at = next(i for i, o in enumerate(self._finished) if o is outcome)
-            self._finished[at] = replace(outcome, heir=(rider.id, rider.attempt))
+            outcome.heir = (rider.id, rider.attempt)
             self._give(slot, rider)
         elif self._slots.get(group):
             self._riders.setdefault(group, collections.deque()).append(rider)
@@ -426,25 +425,24 @@ class Worker:
             queued = self._running.get(rider.id)
             if queued is not None and queued.job.attempt == rider.attempt:
                 self._give(slot, rider)
-                return replace(outcome, heir=(rider.id, rider.attempt))
+                outcome.heir = (rider.id, rider.attempt)
+                return outcome
         if vacate:
             self._vacant.setdefault(slot.group, []).append((slot, outcome))
         else:
             self._drop(slot)
         return outcome
 
-    def _vacate(self, finished: list[Outcome], *, keep: bool) -> dict[str, int]:
-        """Slots left vacant are settled with ``finished`` now: with ``keep``, each goes
-        to a rider of its group claimed in the same transaction if there is one. Returns
-        how many are kept per group."""
+    def _vacate(self, *, keep: bool) -> dict[str, int]:
+        """Slots left vacant are settled with the finished attempts now: with ``keep``,
+        each goes to a rider of its group claimed in the same transaction if there is
+        one. Returns how many are kept per group."""
         kept: dict[str, int] = {}
-        position = {id(outcome): at for at, outcome in enumerate(finished)} if keep else {}
         for group, vacant in self._vacant.items():
             for slot, outcome in vacant:
                 self._drop(slot)
                 if keep:
-                    at = position[id(outcome)]
-                    finished[at] = replace(outcome, keep_slots=True)
+                    outcome.keep_slots = True
                     kept[group] = kept.get(group, 0) + 1
         self._vacant.clear()
         return kept

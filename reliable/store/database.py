@@ -468,7 +468,9 @@ class Store:
         ids = [o.job_id for o in finished] + [o.heir[0] for o in finished if o.heir]
         held = {
             (row.id, row.attempts): row
-            for row in connection.execute(_HELD[self.dialect], {"ids": ids, "worker": worker_id})
+            for row in connection.execute(
+                _HELD[self.dialect], {"ids": ids, "worker": worker_id}
+            ).all()
         }
         applied = [o for o in finished if (o.job_id, o.attempt) in held]
         discarded = [o.job_id for o in finished if (o.job_id, o.attempt) not in held]

@@ -503,7 +503,7 @@ def adjust(
             "d": next(iter(downs.values()), 0),
         },
     )
-    parked = {row.scope for row in rows if row.parked and row.scope in downs}
+    parked = {scope for scope, flag in rows.all() if flag and scope in downs}
     unpark(connection, {scope: n for scope, n in sorted(downs.items()) if scope in parked})
 
 

@@ -103,13 +103,15 @@ class ClaimedJob:
     holds_slots: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     """The end of one attempt, applied only while the attempt still holds its lease.
 
     ``status`` is the job's next status: ``succeeded``, ``failed``, ``queued`` (a retry
     at ``run_at``) or ``sleeping`` (parked until ``run_at``; the attempt is not
-    counted). ``result`` and ``error`` are JSON text.
+    counted). ``result`` and ``error`` are JSON text. Where its slots go (``heir``,
+    ``keep_slots``) the worker decides while the outcome waits to be settled: those
+    two fields change in place, once per capped job.
     """
 
     job_id: str
