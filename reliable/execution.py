@@ -20,6 +20,7 @@ from .errors import NonRetriable, ReliableError, RetryAfter, SerializationError,
 from .serialization import dumps, loads
 from .steps import StepRunner, Suspend, _runner
 from .store import ClaimedJob, Outcome
+from .store.flow import parse as parse_limits
 from .tasks import Task, run_coroutine
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
         return failure(app, task, job, exc, retry=False)
 
     timeout = timeout_of(app, task)
-    keys = json.loads(job.limits).get("keys", {}) if job.limits else {}
+    keys = dict(parse_limits(job.limits).keys) if job.limits else {}
     context = JobContext(job.id, task.name, job.attempt, job.queue, keys)
     token = _current.set(context)
     steps_token = _runner.set(StepRunner(app, job))

@@ -62,12 +62,13 @@ class Admission:
 @dataclass(frozen=True)
 class Limits:
     """A job's limits document, parsed: its caps (scope, capacity), its throttle
-    (scope, interval), and its slot group: the name of the set of scopes it counts
-    against (None if uncapped)."""
+    (scope, interval), its slot group: the name of the set of scopes it counts against
+    (None if uncapped), and the values of its keys (option, value)."""
 
     caps: tuple[tuple[str, int], ...]
     throttle: tuple[str, float] | None
     group: str | None
+    keys: tuple[tuple[str, str], ...] = ()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -81,6 +82,7 @@ def parse(document: str) -> Limits:
         caps,
         (str(throttle[0]), float(throttle[1])) if throttle else None,
         json.dumps([scope for scope, _ in caps], separators=(",", ":")) if caps else None,
+        tuple((str(option), str(value)) for option, value in limits.get("keys", {}).items()),
     )
 
 
