@@ -42,11 +42,15 @@ _LOST_ERROR = {
 
 
 def _due(filtered: bool, dialect: str, *, locked: bool = True) -> Select[Any]:
-    """Due, unparked jobs of the given queues (and tasks), best first; ``locked``: rows
-    another claimer holds are skipped, the others locked."""
+    """Due, unparked jobs of ``:b_queue`` (and ``:tasks``), best first; ``locked``: rows
+    another claimer holds are skipped, the others locked.
+
+    One queue, compared with ``=``: the due index then yields the jobs in order, and
+    the scan stops at ``:limit``. A list of queues (even of one, as an array on
+    PostgreSQL) makes the database read every due job of them and sort."""
     conditions = [
         IS_DUE,
-        among(jobs.c.queue, "queues", dialect),
+        jobs.c.queue == bindparam("b_queue"),
         jobs.c.run_at <= bindparam("now"),
     ]
     if filtered:
@@ -369,7 +373,6 @@ class Store:
         """
         claimed: list[ClaimedJob] = []
         params: dict[str, Any] = {
-            "queues": list(queues),
             "now": now,
             "limit": limit,
             "worker": worker_id,
@@ -388,10 +391,11 @@ class Store:
             flow.lock_kept(connection, kept)
             if limit > 0:
                 filtered = tasks is not None
+                # The first queue asked rotates, so no queue's backlog starves another.
+                self._rotation = (self._rotation + 1) % max(len(queues), 1)
+                order = [*queues[self._rotation :], *queues[: self._rotation]]
                 if limited:
-                    candidates = connection.execute(
-                        _CANDIDATES[self.dialect][filtered], params
-                    ).all()
+                    candidates = self._due(connection, _CANDIDATES, filtered, order, params)
                     decision = flow.admit_limited(
                         connection,
                         self.dialect,
@@ -415,20 +419,13 @@ class Store:
                         params.update(ids=ids, holding=decision.holding_slots)
                         rows = connection.execute(_START_BY_ID[self.dialect], params).all()
                     parked = flow.park(
-                        connection, decision, _PARK_WINDOW[self.dialect][filtered], params
+                        connection,
+                        decision,
+                        _PARK_WINDOW[self.dialect][filtered],
+                        [{**params, "b_queue": name} for name in order],
                     )
                 else:
-                    # One queue per statement: with a single queue the due index
-                    # yields jobs already in order; ``queue IN (a, b)`` sorts them all.
-                    # The first queue asked rotates, so no queue's backlog starves another.
-                    self._rotation = (self._rotation + 1) % max(len(queues), 1)
-                    rows = []
-                    for name in [*queues[self._rotation :], *queues[: self._rotation]]:
-                        wanted = limit - len(rows)
-                        if wanted <= 0:
-                            break
-                        one = {**params, "queues": [name], "limit": wanted}
-                        rows += connection.execute(_START_DUE[self.dialect][filtered], one).all()
+                    rows = self._due(connection, _START_DUE, filtered, order, params)
                 claimed = [
                     ClaimedJob(
                         r.id,
@@ -449,6 +446,25 @@ class Store:
         if finished:
             self._notify_changed()
         return ClaimResult(claimed, discarded, orphans, bool(kept) or parked)
+
+    def _due(
+        self,
+        connection: Connection,
+        statements: dict[str, dict[bool, Any]],
+        filtered: bool,
+        queues: Sequence[str],
+        params: dict[str, Any],
+    ) -> list[Any]:
+        """Run ``statements`` (of ``_due``) for one queue after another, until ``:limit``
+        rows came back."""
+        rows: list[Any] = []
+        for name in queues:
+            wanted = params["limit"] - len(rows)
+            if wanted <= 0:
+                break
+            one = {**params, "b_queue": name, "limit": wanted}
+            rows += connection.execute(statements[self.dialect][filtered], one).all()
+        return rows
 
     def settle(self, worker_id: str, finished: Sequence[Outcome]) -> list[str]:
         """Apply the outcomes of finished attempts; return the ids whose lease was gone."""

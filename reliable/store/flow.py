@@ -421,20 +421,29 @@ _FLAG_PARKED = per_dialect(
 
 
 def park(
-    connection: Connection, decision: Admission, window: Any, params: Mapping[str, Any]
+    connection: Connection,
+    decision: Admission,
+    window: Any,
+    queues: Sequence[Mapping[str, Any]],
 ) -> bool:
     """Move jobs of full scopes off the claim path (after the granted ones started);
     return whether jobs the claim did not look at may have been parked.
 
     The blocked candidates go one by one; when a whole round was blocked (a saturated
-    key at the head of the queue), ``window`` (see ``park_window_statement``, with
-    ``params`` for its due jobs) parks every job of those scopes near the head at once.
+    key at the head of the queue), ``window`` (see ``park_window_statement``; one set of
+    parameters per queue in ``queues``) finds every job of those scopes near the head of
+    each queue, to park them at once.
     """
     whole = bool(decision.parked_scopes) and not decision.granted and not decision.riders
     if whole:
         for scope in decision.parked_scopes:
-            found = {**params, "limit": PARK_WINDOW, "b_needle": json.dumps(scope)}
-            ids = connection.execute(window, found).scalars().all()
+            ids = [
+                job_id
+                for params in queues
+                for job_id in connection.execute(
+                    window, {**params, "limit": PARK_WINDOW, "b_needle": json.dumps(scope)}
+                ).scalars()
+            ]
             connection.execute(
                 _PARK_SOME[connection.dialect.name], {"ids": list(ids), "b_scope": scope}
             )

@@ -42,7 +42,7 @@ def one_of(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement
 
 def among(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
     """``column`` is one of the values bound as ``name``, for a filter whose plan depends
-    on them (the queues of a claim): SQLite sees the values, in an expanding ``IN``; on
+    on them (the tasks a claim may take): SQLite sees the values, in an expanding ``IN``; on
     PostgreSQL this is ``one_of``."""
     if dialect == "postgresql":
         return one_of(column, name, dialect)
