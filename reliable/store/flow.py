@@ -444,9 +444,7 @@ def park(
                     window, {**params, "limit": PARK_WINDOW, "b_needle": json.dumps(scope)}
                 ).scalars()
             ]
-            connection.execute(
-                _PARK_SOME[connection.dialect.name], {"ids": list(ids), "b_scope": scope}
-            )
+            connection.execute(_PARK_SOME[connection.dialect.name], {"ids": ids, "b_scope": scope})
     elif decision.blocked:
         connection.execute(_PARK_ONE, [{"b_id": i, "b_scope": s} for i, s in decision.blocked])
     else:
