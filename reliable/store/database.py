@@ -99,7 +99,7 @@ _START_DUE = per_dialect(
     lambda d: {f: _start(jobs.c.id.in_(_due(f, d).scalar_subquery())) for f in (False, True)}
 )
 _CANDIDATES = per_dialect(
-    lambda d: {f: _due(f, d).add_columns(jobs.c.limits) for f in (False, True)}
+    lambda d: {f: flow.candidates_statement(_due(f, d), d) for f in (False, True)}
 )
 _PARK_WINDOW = per_dialect(
     lambda d: {f: flow.park_window_statement(_due(f, d, locked=False), d) for f in (False, True)}
@@ -388,19 +388,25 @@ class Store:
             discarded, orphans, kept = (
                 self._settle(connection, worker_id, finished) if finished else ([], [], [])
             )
-            flow.lock_kept(connection, kept)
             if limit > 0:
                 filtered = tasks is not None
                 # The first queue asked rotates, so no queue's backlog starves another.
                 self._rotation = (self._rotation + 1) % max(len(queues), 1)
                 order = [*queues[self._rotation :], *queues[: self._rotation]]
                 if limited:
-                    candidates = self._due(connection, _CANDIDATES, filtered, order, params)
+                    params["kept"] = flow.kept_scopes(kept)
+                    read = self._due(connection, _CANDIDATES, filtered, order, params)
+                    candidates = [r for r in read if r.kind == flow.CANDIDATE]
                     decision = flow.admit_limited(
                         connection,
                         self.dialect,
                         self._insert,
                         [(r.id, flow.parse(r.limits)) for r in candidates if r.limits],
+                        {
+                            r.id: (int(r.in_use), int(r.capacity))
+                            for r in read
+                            if r.kind == flow.COUNTER
+                        },
                         now,
                         known=self._known_scopes,
                         held=held,
@@ -425,6 +431,7 @@ class Store:
                         [{**params, "b_queue": name} for name in order],
                     )
                 else:
+                    flow.lock_kept(connection, kept)
                     rows = self._due(connection, _START_DUE, filtered, order, params)
                 claimed = [
                     ClaimedJob(
@@ -441,6 +448,8 @@ class Store:
                     )
                     for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
                 ]
+            else:
+                flow.lock_kept(connection, kept)
             # The slots granted here, and those kept for riders that none took.
             flow.adjust(connection, taken, kept)
         if finished:
@@ -456,14 +465,20 @@ class Store:
         params: dict[str, Any],
     ) -> list[Any]:
         """Run ``statements`` (of ``_due``) for one queue after another, until ``:limit``
-        rows came back."""
+        jobs came back (rows of ``_CANDIDATES`` count when their kind is a candidate;
+        its ``:kept`` counters are locked by the first)."""
         rows: list[Any] = []
-        for name in queues:
-            wanted = params["limit"] - len(rows)
+        found = 0
+        for n, name in enumerate(queues):
+            wanted = params["limit"] - found
             if wanted <= 0:
                 break
             one = {**params, "b_queue": name, "limit": wanted}
-            rows += connection.execute(statements[self.dialect][filtered], one).all()
+            if n and "kept" in one:
+                one["kept"] = []
+            got = connection.execute(statements[self.dialect][filtered], one).all()
+            rows += got
+            found += sum(1 for r in got if getattr(r, "kind", flow.CANDIDATE) == flow.CANDIDATE)
         return rows
 
     def settle(self, worker_id: str, finished: Sequence[Outcome]) -> list[str]:
