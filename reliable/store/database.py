@@ -13,7 +13,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, bindparam, case, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    null,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -105,6 +118,23 @@ _PARK_WINDOW = per_dialect(
     lambda d: {f: flow.park_window_statement(_due(f, d, locked=False), d) for f in (False, True)}
 )
 _START_BY_ID = per_dialect(lambda d: _start(one_of(jobs.c.id, "ids", d), holding=d))
+_STARTED = 0
+
+
+def _start_and_adjust() -> Any:
+    """On PostgreSQL, ``_START_BY_ID`` and ``flow.ADJUST`` in one statement: the rows
+    of the jobs started (``kind`` _STARTED), then one per counter changed (``id`` its
+    scope, ``parked`` its flag)."""
+    started = _START_BY_ID["postgresql"].cte("started")
+    adjusted = flow.ADJUST["postgresql"].cte("adjusted")
+    blank = [null().label(c.name) for c in started.c if c.name != "id"]
+    return union_all(
+        select(literal_column(str(_STARTED)).label("kind"), *started.c, null().label("parked")),
+        select(literal_column(str(_STARTED + 1)), adjusted.c.scope, *blank, adjusted.c.parked),
+    )
+
+
+_START_AND_ADJUST = _start_and_adjust()
 _TAKE_OVER = per_dialect(
     lambda d: update(jobs).where(one_of(jobs.c.id, "ids", d)).values(slots_held=1)
 )
@@ -383,7 +413,7 @@ class Store:
         parked = False
         groups: dict[str, str] = {}
         holding: set[str] = set()
-        taken: dict[str, int] = {}
+        gave_back = False  # slots kept for riders went back: jobs may be unparked
         with self._write() as connection:
             discarded, orphans, kept = (
                 self._settle(connection, worker_id, finished) if finished else ([], [], [])
@@ -394,42 +424,18 @@ class Store:
                 self._rotation = (self._rotation + 1) % max(len(queues), 1)
                 order = [*queues[self._rotation :], *queues[: self._rotation]]
                 if limited:
-                    params["kept"] = flow.kept_scopes(kept)
-                    read = self._due(connection, _CANDIDATES, filtered, order, params)
-                    candidates = [r for r in read if r.kind == flow.CANDIDATE]
-                    decision = flow.admit_limited(
+                    rows, decision, parked = self._start_limited(
                         connection,
-                        self.dialect,
-                        self._insert,
-                        [(r.id, flow.parse(r.limits)) for r in candidates if r.limits],
-                        {
-                            r.id: (int(r.in_use), int(r.capacity))
-                            for r in read
-                            if r.kind == flow.COUNTER
-                        },
-                        now,
-                        known=self._known_scopes,
+                        filtered,
+                        order,
+                        params,
+                        kept,
                         held=held,
                         riders=riders,
                         riders_per_slot=riders_per_slot,
                     )
-                    if len(candidates) < limit:  # the due jobs ran out: riders may be parked
-                        flow.board_parked(connection, self.dialect, decision, now)
-                    kept = flow.adopt(decision, kept)
                     groups, holding = decision.groups, set(decision.holding_slots)
-                    taken = decision.taken
-                    ids = [r.id for r in candidates if not r.limits]
-                    ids += decision.granted + decision.riders
-                    rows: Sequence[Any] = ()
-                    if ids:
-                        params.update(ids=ids, holding=decision.holding_slots)
-                        rows = connection.execute(_START_BY_ID[self.dialect], params).all()
-                    parked = flow.park(
-                        connection,
-                        decision,
-                        _PARK_WINDOW[self.dialect][filtered],
-                        [{**params, "b_queue": name} for name in order],
-                    )
+                    gave_back, kept = bool(decision.gave_back), []
                 else:
                     flow.lock_kept(connection, kept)
                     rows = self._due(connection, _START_DUE, filtered, order, params)
@@ -450,11 +456,77 @@ class Store:
                 ]
             else:
                 flow.lock_kept(connection, kept)
-            # The slots granted here, and those kept for riders that none took.
-            flow.adjust(connection, taken, kept)
+            if kept:  # kept for riders, but none was claimed
+                flow.CounterChange.of({}, kept).apply(connection)
+                gave_back = True
         if finished:
             self._notify_changed()
-        return ClaimResult(claimed, discarded, orphans, bool(kept) or parked)
+        return ClaimResult(claimed, discarded, orphans, gave_back or parked)
+
+    def _start_limited(
+        self,
+        connection: Connection,
+        filtered: bool,
+        queues: Sequence[str],
+        params: dict[str, Any],
+        kept: Sequence[str | None],
+        *,
+        held: Mapping[str, int] | None,
+        riders: Mapping[str, int] | None,
+        riders_per_slot: int,
+    ) -> tuple[Sequence[Any], flow.Admission, bool]:
+        """Lease the due jobs the limits admit (see ``flow.admit_limited``), hand them the
+        ``kept`` slots of their groups, park what full scopes block; return the rows of
+        the jobs started, the decision, and whether jobs it did not look at were parked."""
+        now = params["now"]
+        params["kept"] = flow.kept_scopes(kept)
+        candidates: list[tuple[str, str | None]] = []
+        counters: dict[str, tuple[int, int]] = {}
+        for kind, key, limits, in_use, capacity in self._due(
+            connection, _CANDIDATES, filtered, queues, params
+        ):
+            if kind == flow.CANDIDATE:
+                candidates.append((key, limits))
+            elif kind == flow.COUNTER:
+                counters[key] = (in_use, capacity)
+        decision = flow.admit_limited(
+            connection,
+            self.dialect,
+            self._insert,
+            [(job_id, flow.parse(limits)) for job_id, limits in candidates if limits],
+            counters,
+            now,
+            known=self._known_scopes,
+            held=held,
+            riders=riders,
+            riders_per_slot=riders_per_slot,
+        )
+        if len(candidates) < params["limit"]:  # the due jobs ran out: riders may be parked
+            flow.board_parked(connection, self.dialect, decision, now)
+        left = flow.adopt(decision, kept)
+        decision.gave_back = left
+        # The slots granted here, and those kept for riders that none took.
+        change = flow.CounterChange.of(decision.taken, left)
+        ids = [job_id for job_id, limits in candidates if not limits]
+        ids += decision.granted + decision.riders
+        params.update(ids=ids, holding=decision.holding_slots)
+        rows: Sequence[Any] = ()
+        flags: list[tuple[str, int]] | None = None
+        both = change.params() if change and self.dialect == "postgresql" else None
+        if both is not None:
+            out = connection.execute(_START_AND_ADJUST, {**params, **both}).all()
+            rows = [row for row in out if row[0] == _STARTED]
+            flags = [(row.id, row.parked) for row in out if row[0] != _STARTED]
+        elif ids:
+            rows = connection.execute(_START_BY_ID[self.dialect], params).all()
+        parked = flow.park(
+            connection,
+            decision,
+            _PARK_WINDOW[self.dialect][filtered],
+            [{**params, "b_queue": name} for name in queues],
+        )
+        change.apply(connection, flags=flags, parked=decision.parked_scopes)
+        return rows, decision, parked
 
     def _due(
         self,
@@ -467,6 +539,7 @@ class Store:
         """Run ``statements`` (of ``_due``) for one queue after another, until ``:limit``
         jobs came back (rows of ``_CANDIDATES`` count when their kind is a candidate;
         its ``:kept`` counters are locked by the first)."""
+        kinds = statements is _CANDIDATES
         rows: list[Any] = []
         found = 0
         for n, name in enumerate(queues):
@@ -474,11 +547,11 @@ class Store:
             if wanted <= 0:
                 break
             one = {**params, "b_queue": name, "limit": wanted}
-            if n and "kept" in one:
+            if kinds and n:
                 one["kept"] = []
             got = connection.execute(statements[self.dialect][filtered], one).all()
             rows += got
-            found += sum(1 for r in got if getattr(r, "kind", flow.CANDIDATE) == flow.CANDIDATE)
+            found += sum(1 for r in got if r[0] == flow.CANDIDATE) if kinds else len(got)
         return rows
 
     def settle(self, worker_id: str, finished: Sequence[Outcome]) -> list[str]:

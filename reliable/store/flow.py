@@ -73,6 +73,8 @@ class Admission:
     parked_scopes: list[str] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)
     rescheduled: list[tuple[str, float]] = field(default_factory=list)
+    # Limits JSON of the slots kept for riders that no rider took: given back.
+    gave_back: list[str | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
         jobs_due = jobs_due.prefix_with("MATERIALIZED")  # locked once, read twice
         document = cast(jobs_due.c.limits, JSONB).op("->")(literal_column("'concurrency'"))
         caps = func.jsonb_array_elements(document).table_valued("value").lateral("caps")
-        scope = caps.c.value.op("->>")(literal_column("0"))
+        scope: Any = caps.c.value.op("->>")(literal_column("0"))
         named: Any = select(scope).select_from(jobs_due.join(caps, true()))
     else:
         path: Any = literal_column("'$.concurrency'")
@@ -507,7 +509,7 @@ def _adjust_statement(dialect: str) -> Any:
     )
 
 
-_ADJUST = per_dialect(_adjust_statement)
+ADJUST = per_dialect(_adjust_statement)
 _FLAG_PARKED = per_dialect(
     lambda d: update(concurrency).where(one_of(concurrency.c.scope, "scopes", d)).values(parked=1)
 )
@@ -580,35 +582,66 @@ def lock_kept(connection: Connection, kept: Sequence[str | None]) -> None:
         connection.execute(_LOCK_IN_ORDER, {"kept": kept_scopes(kept)}).all()
 
 
-def adjust(
-    connection: Connection, taken: Mapping[str, int], released: Sequence[str | None]
-) -> None:
-    """At the end of a claim, take the ``taken`` slots (per scope) and give back the
-    kept ones of ``released`` (limits JSON), netted per scope, in one statement when the
-    amounts allow. The claim holds the locks of all these counters."""
-    delta = dict(taken)
-    for scope, count in _count(released).items():
-        delta[scope] = delta.get(scope, 0) - count
-    ups = {scope: n for scope, n in delta.items() if n > 0}
-    downs = {scope: -n for scope, n in delta.items() if n < 0}
-    if len(set(ups.values())) > 1 or len(set(downs.values())) > 1:
-        for change in _grouped(ups):
-            connection.execute(_TAKE[connection.dialect.name], change)
-        _release(connection, downs)
-        return
-    if not ups and not downs:
-        return
-    rows = connection.execute(
-        _ADJUST[connection.dialect.name],
-        {
-            "up": sorted(ups),
-            "u": next(iter(ups.values()), 0),
-            "down": sorted(downs),
-            "d": next(iter(downs.values()), 0),
-        },
-    )
-    parked = {scope for scope, flag in rows.all() if flag and scope in downs}
-    unpark(connection, {scope: n for scope, n in sorted(downs.items()) if scope in parked})
+@dataclass
+class CounterChange:
+    """The change a claim makes to its slot counters at its end: the slots it took,
+    less those of kept slots it gives back, netted per scope. The claim holds the
+    locks of all these counters."""
+
+    up: dict[str, int]
+    down: dict[str, int]
+
+    @classmethod
+    def of(cls, taken: Mapping[str, int], released: Sequence[str | None]) -> CounterChange:
+        """``taken`` slots per scope; ``released``: the limits JSON of each kept slot."""
+        delta = dict(taken)
+        for scope, count in _count(released).items():
+            delta[scope] = delta.get(scope, 0) - count
+        return cls(
+            {scope: n for scope, n in delta.items() if n > 0},
+            {scope: -n for scope, n in delta.items() if n < 0},
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.up or self.down)
+
+    def params(self) -> dict[str, Any] | None:
+        """The parameters of ``ADJUST``, when one statement makes the whole change (one
+        amount up, one down)."""
+        if len(set(self.up.values())) > 1 or len(set(self.down.values())) > 1:
+            return None
+        return {
+            "up": sorted(self.up),
+            "u": next(iter(self.up.values()), 0),
+            "down": sorted(self.down),
+            "d": next(iter(self.down.values()), 0),
+        }
+
+    def apply(
+        self,
+        connection: Connection,
+        *,
+        flags: Sequence[tuple[str, int]] | None = None,
+        parked: Sequence[str] = (),
+    ) -> None:
+        """Make the change, unless ``flags`` (scope, parked flag) says ``ADJUST`` made
+        it already, within another statement; then unpark the jobs of scopes given back
+        that had some parked, or that this claim ``parked`` on."""
+        if flags is None:
+            params = self.params()
+            if params is None:
+                for change in _grouped(self.up):
+                    connection.execute(_TAKE[connection.dialect.name], change)
+                _release(connection, self.down)  # after the claim parked: sees its flags
+                return
+            if not self:
+                return
+            flags = [
+                (r.scope, r.parked)
+                for r in connection.execute(ADJUST[connection.dialect.name], params)
+            ]
+        waiting = {scope for scope, flag in flags if flag} | set(parked)
+        unpark(connection, {s: n for s, n in sorted(self.down.items()) if s in waiting})
 
 
 def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
