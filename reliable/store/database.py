@@ -512,9 +512,8 @@ class Store:
         params.update(ids=ids, holding=decision.holding_slots)
         rows: Sequence[Any] = ()
         flags: list[tuple[str, int]] | None = None
-        both = change.params() if change and self.dialect == "postgresql" else None
-        if both is not None:
-            out = connection.execute(_START_AND_ADJUST, {**params, **both}).all()
+        if change and self.dialect == "postgresql":
+            out = connection.execute(_START_AND_ADJUST, {**params, **change.params()}).all()
             rows = [row for row in out if row[0] == _STARTED]
             flags = [(row.id, row.parked) for row in out if row[0] != _STARTED]
         elif ids:

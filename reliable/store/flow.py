@@ -25,25 +25,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
+    Integer,
     Select,
     bindparam,
-    case,
     cast,
     delete,
     func,
     literal_column,
     null,
-    or_,
     select,
     true,
     union_all,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 
 from ..errors import RateLimited
-from .lists import one_of, per_dialect
+from .lists import JSONList, one_of, per_dialect
 from .records import DebounceCheck, NewJob, Outcome, RateState
 from .schema import (
     IS_CLAIMABLE,
@@ -178,15 +177,6 @@ def _grouped(changes: dict[str, int]) -> list[dict[str, Any]]:
     return [{"n": amount, "scopes": scopes} for amount, scopes in sorted(by_amount.items())]
 
 
-_TAKE = per_dialect(
-    lambda d: (
-        update(concurrency)
-        .where(one_of(concurrency.c.scope, "scopes", d))
-        .values(in_use=concurrency.c.in_use + bindparam("n"))
-    )
-)
-
-
 # The counters of scopes first seen by a claim, once their rows exist.
 _COUNTERS = per_dialect(
     lambda d: (
@@ -214,8 +204,8 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
     jobs_due = due.add_columns(jobs.c.limits).cte("due")
     if dialect == "postgresql":
         jobs_due = jobs_due.prefix_with("MATERIALIZED")  # locked once, read twice
-        document = cast(jobs_due.c.limits, JSONB).op("->")(literal_column("'concurrency'"))
-        caps = func.jsonb_array_elements(document).table_valued("value").lateral("caps")
+        document = cast(jobs_due.c.limits, JSON).op("->")(literal_column("'concurrency'"))
+        caps = func.json_array_elements(document).table_valued("value").lateral("caps")
         scope: Any = caps.c.value.op("->>")(literal_column("0"))
         named: Any = select(scope).select_from(jobs_due.join(caps, true()))
     else:
@@ -465,13 +455,12 @@ def _unpark_statement(dialect: str) -> Any:
 _UNPARK = per_dialect(_unpark_statement)
 
 
-def _change_counters(dialect: str, where: Any, in_use: Any, *, held: bool = False) -> Any:
+def _change_counters(dialect: str, where: Any, in_use: Any) -> Any:
     """Set the counters ``where`` selects to ``in_use`` (never below 0); returns each
     scope's parked flag. On PostgreSQL the rows are locked in one order first, so that
-    transactions changing overlapping scopes cannot deadlock (SQLite has one writer),
-    unless the transaction ``held`` them all already."""
+    transactions changing overlapping scopes cannot deadlock (SQLite has one writer)."""
     statement = update(concurrency)
-    if dialect == "postgresql" and not held:
+    if dialect == "postgresql":
         locked = (
             select(concurrency.c.scope)
             .where(where)
@@ -498,14 +487,25 @@ _RELEASE = per_dialect(
 
 
 def _adjust_statement(dialect: str) -> Any:
-    """Add ``:u`` slots in use to each of ``:up`` and give back ``:d`` of each of
-    ``:down``; a claim locked these counters already."""
-    up = one_of(concurrency.c.scope, "up", dialect)
-    return _change_counters(
-        dialect,
-        or_(up, one_of(concurrency.c.scope, "down", dialect)),
-        concurrency.c.in_use + case((up, bindparam("u")), else_=-bindparam("d")),
-        held=True,
+    """Add to each counter of ``:changes`` (a list of [scope, amount], bound as JSON)
+    its amount, never going below 0; returns each scope's parked flag. A claim locked
+    these counters already."""
+    listed = bindparam("changes", type_=JSONList())
+    if dialect == "postgresql":
+        pairs = func.json_array_elements(cast(listed, JSON)).table_valued("value").alias("c")
+        scope: Any = pairs.c.value.op("->>")(literal_column("0"))
+        amount: Any = cast(pairs.c.value.op("->>")(literal_column("1")), Integer)
+        floor: Any = func.greatest
+    else:
+        pairs = func.json_each(listed).table_valued("value").alias("c")
+        scope = func.json_extract(pairs.c.value, literal_column("'$[0]'"))
+        amount = func.json_extract(pairs.c.value, literal_column("'$[1]'"))
+        floor = func.max
+    return (
+        update(concurrency)
+        .where(concurrency.c.scope == scope)
+        .values(in_use=floor(concurrency.c.in_use + amount, 0))
+        .returning(concurrency.c.scope, concurrency.c.parked)
     )
 
 
@@ -585,37 +585,29 @@ def lock_kept(connection: Connection, kept: Sequence[str | None]) -> None:
 @dataclass
 class CounterChange:
     """The change a claim makes to its slot counters at its end: the slots it took,
-    less those of kept slots it gives back, netted per scope. The claim holds the
-    locks of all these counters."""
+    less those of kept slots it gives back, netted per scope (``amounts``; the scopes
+    given back are ``down``). The claim holds the locks of all these counters."""
 
-    up: dict[str, int]
-    down: dict[str, int]
+    amounts: dict[str, int]
 
     @classmethod
     def of(cls, taken: Mapping[str, int], released: Sequence[str | None]) -> CounterChange:
         """``taken`` slots per scope; ``released``: the limits JSON of each kept slot."""
-        delta = dict(taken)
+        amounts = dict(taken)
         for scope, count in _count(released).items():
-            delta[scope] = delta.get(scope, 0) - count
-        return cls(
-            {scope: n for scope, n in delta.items() if n > 0},
-            {scope: -n for scope, n in delta.items() if n < 0},
-        )
+            amounts[scope] = amounts.get(scope, 0) - count
+        return cls({scope: n for scope, n in amounts.items() if n})
 
     def __bool__(self) -> bool:
-        return bool(self.up or self.down)
+        return bool(self.amounts)
 
-    def params(self) -> dict[str, Any] | None:
-        """The parameters of ``ADJUST``, when one statement makes the whole change (one
-        amount up, one down)."""
-        if len(set(self.up.values())) > 1 or len(set(self.down.values())) > 1:
-            return None
-        return {
-            "up": sorted(self.up),
-            "u": next(iter(self.up.values()), 0),
-            "down": sorted(self.down),
-            "d": next(iter(self.down.values()), 0),
-        }
+    @property
+    def down(self) -> dict[str, int]:
+        return {scope: -n for scope, n in sorted(self.amounts.items()) if n < 0}
+
+    def params(self) -> dict[str, Any]:
+        """The parameters of ``ADJUST`` for this change."""
+        return {"changes": sorted(self.amounts.items())}
 
     def apply(
         self,
@@ -628,20 +620,12 @@ class CounterChange:
         it already, within another statement; then unpark the jobs of scopes given back
         that had some parked, or that this claim ``parked`` on."""
         if flags is None:
-            params = self.params()
-            if params is None:
-                for change in _grouped(self.up):
-                    connection.execute(_TAKE[connection.dialect.name], change)
-                _release(connection, self.down)  # after the claim parked: sees its flags
-                return
             if not self:
                 return
-            flags = [
-                (r.scope, r.parked)
-                for r in connection.execute(ADJUST[connection.dialect.name], params)
-            ]
+            rows = connection.execute(ADJUST[connection.dialect.name], self.params())
+            flags = [(row.scope, row.parked) for row in rows]
         waiting = {scope for scope, flag in flags if flag} | set(parked)
-        unpark(connection, {s: n for s, n in sorted(self.down.items()) if s in waiting})
+        unpark(connection, {s: n for s, n in self.down.items() if s in waiting})
 
 
 def release_slots(connection: Connection, held: Sequence[str | None]) -> None:

@@ -24,7 +24,7 @@ DIALECTS = ("sqlite", "postgresql")
 T = TypeVar("T")
 
 
-class _JSONList(TypeDecorator[Sequence[Any]]):
+class JSONList(TypeDecorator[Sequence[Any]]):
     """A list bound as one JSON text parameter."""
 
     impl = String
@@ -36,7 +36,7 @@ class _JSONList(TypeDecorator[Sequence[Any]]):
 
 def one_of(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
     """``column`` is one of the values bound as ``name``."""
-    listed = bindparam(name, type_=_JSONList())
+    listed = bindparam(name, type_=JSONList())
     if dialect == "postgresql":
         elements = select(func.jsonb_array_elements_text(cast(listed, JSONB)))
         return column == any_(func.array(elements.scalar_subquery()))
