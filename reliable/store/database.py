@@ -511,11 +511,11 @@ class Store:
         ids += decision.granted + decision.riders
         params.update(ids=ids, holding=decision.holding_slots)
         rows: Sequence[Any] = ()
-        flags: list[tuple[str, int]] | None = None
+        flagged: list[str] | None = None
         if change and self.dialect == "postgresql":
             out = connection.execute(_START_AND_ADJUST, {**params, **change.params()}).all()
             rows = [row for row in out if row[0] == _STARTED]
-            flags = [(row.id, row.parked) for row in out if row[0] != _STARTED]
+            flagged = [row.id for row in out if row[0] != _STARTED and row[-1]]
         elif ids:
             rows = connection.execute(_START_BY_ID[self.dialect], params).all()
         parked = flow.park(
@@ -524,7 +524,7 @@ class Store:
             _PARK_WINDOW[self.dialect][filtered],
             [{**params, "b_queue": name} for name in queues],
         )
-        change.apply(connection, flags=flags, parked=decision.parked_scopes)
+        change.apply(connection, flagged=flagged, parked=decision.parked_scopes)
         return rows, decision, parked
 
     def _due(

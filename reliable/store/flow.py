@@ -198,7 +198,7 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
     scope; ``in_use``, ``capacity``). On PostgreSQL the counters are locked, or skipped
     while another claimer holds them; before them the counters of the slots the claim
     keeps for riders (``:kept``, scopes) are locked in one order, waiting for them if
-    need be (rows of kind KEPT; see ``lock_kept``). A union's parts run in order: one
+    need be (one row of kind KEPT; see ``lock_kept``). A union's parts run in order: one
     round trip instead of three.
     """
     jobs_due = due.add_columns(jobs.c.limits).cte("due")
@@ -226,15 +226,15 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
             literal_column(str(CANDIDATE)).label("kind"),
             jobs_due.c.id,
             jobs_due.c.limits,
-            null().label("in_use"),
-            null().label("capacity"),
+            cast(null(), Integer).label("in_use"),
+            cast(null(), Integer).label("capacity"),
         )
     ]
     if dialect == "postgresql":
-        kept = _LOCK_IN_ORDER.add_columns(concurrency.c.in_use, concurrency.c.capacity).subquery()
-        parts.append(
-            select(literal_column(str(KEPT)), kept.c.scope, null(), kept.c.in_use, kept.c.capacity)
-        )
+        kept = _LOCK_IN_ORDER.subquery()  # every row locked, one row out: how many
+        none = cast(null(), Integer)
+        parts.append(select(literal_column(str(KEPT)), null(), null(), func.count(), none))
+        parts[-1] = parts[-1].select_from(kept)
         locked = counters.with_for_update(skip_locked=True).subquery()
         counters = select(*locked.c)
     return union_all(*parts, counters)
@@ -613,19 +613,20 @@ class CounterChange:
         self,
         connection: Connection,
         *,
-        flags: Sequence[tuple[str, int]] | None = None,
+        flagged: Sequence[str] | None = None,
         parked: Sequence[str] = (),
     ) -> None:
-        """Make the change, unless ``flags`` (scope, parked flag) says ``ADJUST`` made
-        it already, within another statement; then unpark the jobs of scopes given back
-        that had some parked, or that this claim ``parked`` on."""
-        if flags is None:
+        """Make the change, unless ``ADJUST`` made it already within another statement
+        and returned the scopes ``flagged`` as having parked jobs; then unpark the jobs
+        of scopes given back that had some parked, or that this claim ``parked`` on."""
+        if flagged is None:
             if not self:
                 return
             rows = connection.execute(ADJUST[connection.dialect.name], self.params())
-            flags = [(row.scope, row.parked) for row in rows]
-        waiting = {scope for scope, flag in flags if flag} | set(parked)
-        unpark(connection, {s: n for s, n in self.down.items() if s in waiting})
+            flagged = [row.scope for row in rows if row.parked]
+        waiting = {*flagged, *parked}
+        if waiting:
+            unpark(connection, {s: n for s, n in self.down.items() if s in waiting})
 
 
 def release_slots(connection: Connection, held: Sequence[str | None]) -> None:

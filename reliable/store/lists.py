@@ -4,7 +4,7 @@ The statement's text is the same whatever the list's length, so it is compiled o
 and not rendered again for every call, and the server can keep one prepared plan for
 it. The list is one JSON text parameter (``json.dumps`` is far cheaper than the driver's
 quoting of an array, element by element): on PostgreSQL made an array again
-(``column = ANY(ARRAY(SELECT jsonb_array_elements_text(:name)))``, one index lookup
+(``column = ANY(ARRAY(SELECT json_array_elements_text(:name)))``, one index lookup
 per value); on SQLite read back as rows by ``json_each`` (``column IN (SELECT value
 FROM json_each(:name))``), which SQLite answers with one index lookup per value.
 """
@@ -15,8 +15,8 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, String, any_, bindparam, cast, func, select
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy import JSON, ColumnElement, String, any_, bindparam, cast, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.types import TypeDecorator
 
 DIALECTS = ("sqlite", "postgresql")
@@ -38,7 +38,7 @@ def one_of(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement
     """``column`` is one of the values bound as ``name``."""
     listed = bindparam(name, type_=JSONList())
     if dialect == "postgresql":
-        elements = select(func.jsonb_array_elements_text(cast(listed, JSONB)))
+        elements = select(func.json_array_elements_text(cast(listed, JSON)))
         return column == any_(func.array(elements.scalar_subquery()))
     values = func.json_each(listed).table_valued("value")
     return column.in_(select(values.c.value))
