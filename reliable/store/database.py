@@ -20,11 +20,8 @@ from sqlalchemy import (
     bindparam,
     case,
     func,
-    literal_column,
-    null,
     select,
     text,
-    union_all,
     update,
 )
 from sqlalchemy.engine import URL, make_url
@@ -118,23 +115,9 @@ _PARK_WINDOW = per_dialect(
     lambda d: {f: flow.park_window_statement(_due(f, d, locked=False), d) for f in (False, True)}
 )
 _START_BY_ID = per_dialect(lambda d: _start(one_of(jobs.c.id, "ids", d), holding=d))
-_STARTED = 0
-
-
-def _start_and_adjust() -> Any:
-    """On PostgreSQL, ``_START_BY_ID`` and ``flow.ADJUST`` in one statement: the rows
-    of the jobs started (``kind`` _STARTED), then one per counter changed (``id`` its
-    scope, ``parked`` its flag)."""
-    started = _START_BY_ID["postgresql"].cte("started")
-    adjusted = flow.ADJUST["postgresql"].cte("adjusted")
-    blank = [null().label(c.name) for c in started.c if c.name != "id"]
-    return union_all(
-        select(literal_column(str(_STARTED)).label("kind"), *started.c, null().label("parked")),
-        select(literal_column(str(_STARTED + 1)), adjusted.c.scope, *blank, adjusted.c.parked),
-    )
-
-
-_START_AND_ADJUST = _start_and_adjust()
+# On PostgreSQL, ``_START_BY_ID`` and ``flow.ADJUST`` in one statement (the change of
+# the counters as a data-modifying CTE).
+_START_AND_ADJUST = _START_BY_ID["postgresql"].add_cte(flow.ADJUST["postgresql"].cte("adjusted"))
 _TAKE_OVER = per_dialect(
     lambda d: update(jobs).where(one_of(jobs.c.id, "ids", d)).values(slots_held=1)
 )
@@ -457,7 +440,7 @@ class Store:
             else:
                 flow.lock_kept(connection, kept)
             if kept:  # kept for riders, but none was claimed
-                flow.CounterChange.of({}, kept).apply(connection)
+                flow.release_slots(connection, kept)
                 gave_back = True
         if finished:
             self._notify_changed()
@@ -482,6 +465,7 @@ class Store:
         params["kept"] = flow.kept_scopes(kept)
         candidates: list[tuple[str, str | None]] = []
         counters: dict[str, tuple[int, int]] = {}
+        flagged: list[str] = []  # kept scopes with jobs parked
         for kind, key, limits, in_use, capacity in self._due(
             connection, _CANDIDATES, filtered, queues, params
         ):
@@ -489,6 +473,8 @@ class Store:
                 candidates.append((key, limits))
             elif kind == flow.COUNTER:
                 counters[key] = (in_use, capacity)
+            elif limits:
+                flagged += json.loads(limits)
         decision = flow.admit_limited(
             connection,
             self.dialect,
@@ -511,11 +497,9 @@ class Store:
         ids += decision.granted + decision.riders
         params.update(ids=ids, holding=decision.holding_slots)
         rows: Sequence[Any] = ()
-        flagged: list[str] | None = None
-        if change and self.dialect == "postgresql":
-            out = connection.execute(_START_AND_ADJUST, {**params, **change.params()}).all()
-            rows = [row for row in out if row[0] == _STARTED]
-            flagged = [row.id for row in out if row[0] != _STARTED and row[-1]]
+        made = bool(change) and self.dialect == "postgresql"
+        if made:
+            rows = connection.execute(_START_AND_ADJUST, {**params, **change.params()}).all()
         elif ids:
             rows = connection.execute(_START_BY_ID[self.dialect], params).all()
         parked = flow.park(
@@ -524,7 +508,7 @@ class Store:
             _PARK_WINDOW[self.dialect][filtered],
             [{**params, "b_queue": name} for name in queues],
         )
-        change.apply(connection, flagged=flagged, parked=decision.parked_scopes)
+        change.apply(connection, flagged, parked=decision.parked_scopes, made=made)
         return rows, decision, parked
 
     def _due(

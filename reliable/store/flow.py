@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from sqlalchemy import (
     Connection,
     Integer,
     Select,
+    Text,
     bindparam,
     cast,
     delete,
@@ -194,12 +195,13 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
     """The jobs ``due`` selects (their ids), with their limits, and in the same
     statement the counters of the scopes their caps name.
 
-    Rows have a ``kind``: CANDIDATE (``id``, ``limits``) or COUNTER (``id`` is the
-    scope; ``in_use``, ``capacity``). On PostgreSQL the counters are locked, or skipped
-    while another claimer holds them; before them the counters of the slots the claim
-    keeps for riders (``:kept``, scopes) are locked in one order, waiting for them if
-    need be (one row of kind KEPT; see ``lock_kept``). A union's parts run in order: one
-    round trip instead of three.
+    Rows have a ``kind``: CANDIDATE (``id``, ``limits``), COUNTER (``id`` is the
+    scope; ``in_use``, ``capacity``), and one KEPT row whose ``limits`` is the JSON list
+    of the scopes among ``:kept`` (those of the slots the claim keeps for riders) that
+    have parked jobs. On PostgreSQL the counters are locked, or skipped while another
+    claimer holds them; before them the kept ones are locked in one order, waiting for
+    them if need be (see ``lock_kept``). A union's parts run in order: one round trip
+    instead of three.
     """
     jobs_due = due.add_columns(jobs.c.limits).cte("due")
     if dialect == "postgresql":
@@ -230,13 +232,19 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
             cast(null(), Integer).label("capacity"),
         )
     ]
+    none = cast(null(), Integer)
     if dialect == "postgresql":
-        kept = _LOCK_IN_ORDER.subquery()  # every row locked, one row out: how many
-        none = cast(null(), Integer)
-        parts.append(select(literal_column(str(KEPT)), null(), null(), func.count(), none))
-        parts[-1] = parts[-1].select_from(kept)
+        kept: Any = _LOCK_IN_ORDER.add_columns(concurrency.c.parked).subquery()  # all locked
+        flagged: Any = cast(func.json_agg(kept.c.scope).filter(kept.c.parked == 1), Text)
+        parts.append(select(literal_column(str(KEPT)), null(), flagged, none, none))
         locked = counters.with_for_update(skip_locked=True).subquery()
         counters = select(*locked.c)
+    else:
+        kept = select(concurrency.c.scope).where(
+            one_of(concurrency.c.scope, "kept", dialect), concurrency.c.parked == 1
+        )
+        flagged = func.json_group_array(kept.subquery().c.scope)
+        parts.append(select(literal_column(str(KEPT)), null(), flagged, none, none))
     return union_all(*parts, counters)
 
 
@@ -488,8 +496,7 @@ _RELEASE = per_dialect(
 
 def _adjust_statement(dialect: str) -> Any:
     """Add to each counter of ``:changes`` (a list of [scope, amount], bound as JSON)
-    its amount, never going below 0; returns each scope's parked flag. A claim locked
-    these counters already."""
+    its amount, never going below 0. A claim locked these counters already."""
     listed = bindparam("changes", type_=JSONList())
     if dialect == "postgresql":
         pairs = func.json_array_elements(cast(listed, JSON)).table_valued("value").alias("c")
@@ -505,7 +512,6 @@ def _adjust_statement(dialect: str) -> Any:
         update(concurrency)
         .where(concurrency.c.scope == scope)
         .values(in_use=floor(concurrency.c.in_use + amount, 0))
-        .returning(concurrency.c.scope, concurrency.c.parked)
     )
 
 
@@ -612,18 +618,16 @@ class CounterChange:
     def apply(
         self,
         connection: Connection,
+        flagged: Collection[str],
         *,
-        flagged: Sequence[str] | None = None,
         parked: Sequence[str] = (),
+        made: bool = False,
     ) -> None:
-        """Make the change, unless ``ADJUST`` made it already within another statement
-        and returned the scopes ``flagged`` as having parked jobs; then unpark the jobs
-        of scopes given back that had some parked, or that this claim ``parked`` on."""
-        if flagged is None:
-            if not self:
-                return
-            rows = connection.execute(ADJUST[connection.dialect.name], self.params())
-            flagged = [row.scope for row in rows if row.parked]
+        """Make the change (unless ``made``: ``ADJUST`` ran within another statement),
+        then unpark the jobs of scopes given back that have some parked: those
+        ``flagged`` when their counters were locked, or that this claim ``parked`` on."""
+        if self and not made:
+            connection.execute(ADJUST[connection.dialect.name], self.params())
         waiting = {*flagged, *parked}
         if waiting:
             unpark(connection, {s: n for s, n in self.down.items() if s in waiting})
