@@ -69,6 +69,11 @@ def test_several_caps_on_one_task_all_hold(rel: Reliable) -> None:
     running = claim(rel, "a", limit=20)
     assert len(running) == 3  # the global cap
     assert len({current_keys(rel, j, "concurrency1") for j in running}) == 3  # one per tenant
+    assert claim(rel, "b", limit=20) == []  # every counter is known now, and still full
+    finish(rel, "a", running[:1])
+    [next_one] = claim(rel, "b", limit=20)  # one slot of each cap came back
+    busy = {current_keys(rel, j, "concurrency1") for j in running[1:]}
+    assert current_keys(rel, next_one, "concurrency1") not in busy
 
 
 def test_cancel_of_a_running_job_frees_its_slot_at_once(rel: Reliable) -> None:

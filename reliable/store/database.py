@@ -471,6 +471,8 @@ class Store:
         ):
             if kind == flow.CANDIDATE:
                 candidates.append((key, limits))
+                if in_use is not None:  # SQLite: the counter of its first scope
+                    counters[flow.parse(limits).caps[0][0]] = (in_use, capacity)
             elif kind == flow.COUNTER:
                 counters[key] = (in_use, capacity)
             elif limits:

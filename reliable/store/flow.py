@@ -195,27 +195,45 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
     """The jobs ``due`` selects (their ids), with their limits, and in the same
     statement the counters of the scopes their caps name.
 
-    Rows have a ``kind``: CANDIDATE (``id``, ``limits``), COUNTER (``id`` is the
-    scope; ``in_use``, ``capacity``), and one KEPT row whose ``limits`` is the JSON list
-    of the scopes among ``:kept`` (those of the slots the claim keeps for riders) that
-    have parked jobs. On PostgreSQL the counters are locked, or skipped while another
+    Rows have a ``kind``: CANDIDATE (``id``, ``limits``; on SQLite also ``in_use`` and
+    ``capacity`` of the first scope of its caps), COUNTER (``id`` is the scope;
+    ``in_use``, ``capacity``), and one KEPT row whose ``limits`` is the JSON list of the
+    scopes among ``:kept`` (those of the slots the claim keeps for riders) that have
+    parked jobs. On PostgreSQL the counters are locked, or skipped while another
     claimer holds them; before them the kept ones are locked in one order, waiting for
     them if need be (see ``lock_kept``). A union's parts run in order: one round trip
     instead of three.
     """
     jobs_due = due.add_columns(jobs.c.limits).cte("due")
-    if dialect == "postgresql":
-        jobs_due = jobs_due.prefix_with("MATERIALIZED")  # locked once, read twice
-        document = cast(jobs_due.c.limits, JSON).op("->")(literal_column("'concurrency'"))
-        caps = func.json_array_elements(document).table_valued("value").lateral("caps")
-        scope: Any = caps.c.value.op("->>")(literal_column("0"))
-        named: Any = select(scope).select_from(jobs_due.join(caps, true()))
-    else:
-        path: Any = literal_column("'$.concurrency'")
-        # SQLite has no LATERAL: a table-valued function sees the tables before it.
-        caps = func.json_each(jobs_due.c.limits, path).table_valued("value").alias("caps")
-        scope = func.json_extract(caps.c.value, literal_column("'$[0]'"))
-        named = select(scope).select_from(jobs_due.join(caps, true()))
+    none = cast(null(), Integer)
+    if dialect != "postgresql":
+        # One writer at a time: nothing to lock. Each candidate comes with the counter
+        # of its first scope; admit_limited reads any other.
+        first = func.json_extract(jobs_due.c.limits, literal_column("'$.concurrency[0][0]'"))
+        flagged: Any = select(concurrency.c.scope).where(
+            one_of(concurrency.c.scope, "kept", dialect), concurrency.c.parked == 1
+        )
+        return union_all(
+            select(
+                literal_column(str(CANDIDATE)).label("kind"),
+                jobs_due.c.id,
+                jobs_due.c.limits,
+                concurrency.c.in_use,
+                concurrency.c.capacity,
+            ).select_from(jobs_due.outerjoin(concurrency, concurrency.c.scope == first)),
+            select(
+                literal_column(str(KEPT)),
+                null(),
+                func.json_group_array(flagged.subquery().c.scope),
+                none,
+                none,
+            ),
+        )
+    jobs_due = jobs_due.prefix_with("MATERIALIZED")  # locked once, read twice
+    document = cast(jobs_due.c.limits, JSON).op("->")(literal_column("'concurrency'"))
+    caps = func.json_array_elements(document).table_valued("value").lateral("caps")
+    scope = caps.c.value.op("->>")(literal_column("0"))
+    named = select(scope).select_from(jobs_due.join(caps, true()))
     counters = select(
         literal_column(str(COUNTER)).label("kind"),
         concurrency.c.scope,
@@ -223,29 +241,25 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
         concurrency.c.in_use,
         concurrency.c.capacity,
     ).where(concurrency.c.scope.in_(named))
-    parts: list[Any] = [
+    kept = _LOCK_IN_ORDER.add_columns(concurrency.c.parked).subquery()  # all locked
+    locked = counters.with_for_update(skip_locked=True).subquery()
+    return union_all(
         select(
             literal_column(str(CANDIDATE)).label("kind"),
             jobs_due.c.id,
             jobs_due.c.limits,
-            cast(null(), Integer).label("in_use"),
-            cast(null(), Integer).label("capacity"),
-        )
-    ]
-    none = cast(null(), Integer)
-    if dialect == "postgresql":
-        kept: Any = _LOCK_IN_ORDER.add_columns(concurrency.c.parked).subquery()  # all locked
-        flagged: Any = cast(func.json_agg(kept.c.scope).filter(kept.c.parked == 1), Text)
-        parts.append(select(literal_column(str(KEPT)), null(), flagged, none, none))
-        locked = counters.with_for_update(skip_locked=True).subquery()
-        counters = select(*locked.c)
-    else:
-        kept = select(concurrency.c.scope).where(
-            one_of(concurrency.c.scope, "kept", dialect), concurrency.c.parked == 1
-        )
-        flagged = func.json_group_array(kept.subquery().c.scope)
-        parts.append(select(literal_column(str(KEPT)), null(), flagged, none, none))
-    return union_all(*parts, counters)
+            none.label("in_use"),
+            none.label("capacity"),
+        ),
+        select(
+            literal_column(str(KEPT)),
+            null(),
+            cast(func.json_agg(kept.c.scope).filter(kept.c.parked == 1), Text),
+            none,
+            none,
+        ),
+        select(*locked.c),
+    )
 
 
 def admit_limited(
@@ -302,19 +316,24 @@ def admit_limited(
 
     read = dict(counters)
     unseen = [scope for scope in sorted(capacities) if scope not in read]
-    missing = unseen
     if known is not None:
         known.update(read)
-        missing = [scope for scope in unseen if scope not in known]
-        known.difference_update(unseen)  # held by another claimer, or gone: look again
-    if missing:
-        connection.execute(
-            insert(concurrency)
-            .values(scope=bindparam("s"), in_use=0, capacity=bindparam("c"))
-            .on_conflict_do_nothing(index_elements=[concurrency.c.scope]),
-            [{"s": scope, "c": capacities[scope]} for scope in missing],
-        )
-        for row in connection.execute(_COUNTERS[dialect], {"scopes": missing}):
+    if unseen:
+        missing = [scope for scope in unseen if known is None or scope not in known]
+        if missing:
+            connection.execute(
+                insert(concurrency)
+                .values(scope=bindparam("s"), in_use=0, capacity=bindparam("c"))
+                .on_conflict_do_nothing(index_elements=[concurrency.c.scope]),
+                [{"s": scope, "c": capacities[scope]} for scope in missing],
+            )
+        look = unseen  # SQLite: the claim read only the first counter of each job
+        if dialect == "postgresql":
+            look = missing  # the others are held by another claimer (or gone)
+            if known is not None:
+                known.difference_update(unseen)
+        rows = connection.execute(_COUNTERS[dialect], {"scopes": look}) if look else ()
+        for row in rows:
             read[row.scope] = (int(row.in_use), int(row.capacity))
             if known is not None:
                 known.add(row.scope)
