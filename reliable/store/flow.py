@@ -88,6 +88,11 @@ class Limits:
     group: str | None
     keys: tuple[tuple[str, str], ...] = ()
 
+    @functools.cached_property
+    def scopes(self) -> tuple[str, ...]:
+        """The scopes of its caps."""
+        return tuple(scope for scope, _ in self.caps)
+
 
 @functools.lru_cache(maxsize=4096)
 def parse(document: str) -> Limits:
@@ -299,15 +304,14 @@ def admit_limited(
     intervals: dict[str, float] = {}
     for job_id, limits in candidates:
         group = limits.group
-        if (
-            group is not None
-            and spare.get(group, 0) > 0
-            and not limits.throttle
-            and all(mine.get(scope, 0) >= capacity for scope, capacity in limits.caps)
-        ):
-            spare[group] -= 1
-            presumed.add(job_id)
-            continue
+        if group is not None and not limits.throttle and spare.get(group, 0) > 0:
+            for scope, capacity in limits.caps:
+                if mine.get(scope, 0) < capacity:
+                    break
+            else:  # the worker alone fills every scope of the group
+                spare[group] -= 1
+                presumed.add(job_id)
+                continue
         for scope, capacity in limits.caps:
             capacities[scope] = capacity
         if limits.throttle:
@@ -364,25 +368,32 @@ def admit_limited(
     taken: dict[str, int] = {}
     full: set[str] = set()
     for job_id, limits in candidates:
-        slots = [scope for scope, _ in limits.caps]
+        slots = limits.scopes
         group = limits.group
-        if job_id in presumed and group is not None:
+        if group is not None and job_id in presumed:
             budget[group] -= 1
             decision.riders.append(job_id)
             decision.groups[job_id] = group
             continue
-        locked = any(scope not in in_use for scope in slots)
-        blocked = [] if locked else [s for s in slots if in_use[s] >= capacities[s]]
+        locked = False
+        blocked: str | None = None  # the first full scope
+        for scope in slots:
+            used = in_use.get(scope)
+            if used is None:
+                locked = True
+                break
+            if blocked is None and used >= capacities[scope]:
+                blocked = scope
         if group is not None and (locked or blocked):
             if budget.get(group, 0) > 0 and not limits.throttle:
                 budget[group] -= 1
                 decision.riders.append(job_id)
                 decision.groups[job_id] = group
                 continue
-            if locked:
+            if locked or blocked is None:
                 continue  # another claimer holds the scope this instant: next round
-            full.add(blocked[0])
-            decision.blocked.append((job_id, blocked[0]))
+            full.add(blocked)
+            decision.blocked.append((job_id, blocked))
             continue
         if limits.throttle:
             scope = limits.throttle[0]
@@ -588,7 +599,7 @@ def _count(held: Sequence[str | None]) -> dict[str, int]:
     slots: dict[str, int] = {}
     for document in held:
         if document:
-            for scope, _ in parse(document).caps:
+            for scope in parse(document).scopes:
                 slots[scope] = slots.get(scope, 0) + 1
     return slots
 
