@@ -249,22 +249,28 @@ def markdown(report: dict[str, Any]) -> str:
         f"median of {report['rounds']} runs, the cases taking turns (one-minute load "
         f"average at the end: {report['load_average']:.2f}).",
         "",
-        "| database | case | drain, jobs/s | x uncapped | runs | worker CPU, µs/job "
-        "| enqueue, jobs/s |",
-        "|---|---|--:|--:|---|--:|--:|",
+        "| database | case | drain, jobs/s | x uncapped | runs | x uncapped, per round "
+        "| worker CPU, µs/job | enqueue, jobs/s |",
+        "|---|---|--:|--:|---|---|--:|--:|",
     ]
     for backend, figures in report["results"].items():
+        base = figures["uncapped"].get("runs", ())
         for case, row in figures.items():
             enqueue = f"{row['enqueue']:,.0f}" if "enqueue" in row else ""
             runs = ", ".join(f"{run:,.0f}" for run in row.get("runs", ()))
+            rounds = ", ".join(
+                f"{run / b:.2f}" for run, b in zip(row.get("runs", ()), base, strict=True)
+            )
             cpu = row.get("cpu_us_per_job")
             lines.append(
                 f"| {backend} | {case} | {row['drain']:,.0f} | {row['ratio']:.2f} | {runs} "
-                f"| {'' if cpu is None else f'{cpu:,.0f}'} | {enqueue} |"
+                f"| {rounds} | {'' if cpu is None else f'{cpu:,.0f}'} | {enqueue} |"
             )
     lines += [
         "",
-        "Aim: every capped figure >= 0.75 x uncapped. Worker CPU is the worker process's",
+        "Aim: every capped figure >= 0.75 x uncapped. `x uncapped` is the ratio of the",
+        "medians; per round, each run is set against the uncapped run of the same round,",
+        "a minute or so earlier. Worker CPU is the worker process's",
         "user + system time while it drained, per job (median of the runs). The rate-limit",
         "check's cost is the difference between the two enqueue rates (each enqueue with a",
         "rate limit also locks the scope's row, prunes and counts its window, and records",
