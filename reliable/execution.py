@@ -83,9 +83,28 @@ def failure(
         if delay is None:
             delay = backoff_seconds(task, job.attempt, exc) if task is not None else 1.0
         return Outcome(
-            job.id, job.attempt, "queued", job.started_at, now, None, error, now + delay, job.task
+            job.id,
+            job.attempt,
+            "queued",
+            job.started_at,
+            now,
+            None,
+            error,
+            now + delay,
+            job.task,
+            limits=job.limits,
         )
-    return Outcome(job.id, job.attempt, "failed", job.started_at, now, None, error, task=job.task)
+    return Outcome(
+        job.id,
+        job.attempt,
+        "failed",
+        job.started_at,
+        now,
+        None,
+        error,
+        task=job.task,
+        limits=job.limits,
+    )
 
 
 def timed_out(app: Reliable, job: ClaimedJob, timeout: float) -> Outcome:
@@ -136,6 +155,7 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
             run_at=suspended.wake_at,
             task=job.task,
             waits=suspended.waits,
+            limits=job.limits,
         )
     except RetryAfter as exc:
         return failure(app, task, job, exc, retry=True, delay=exc.seconds)
@@ -154,7 +174,14 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
         _runner.reset(steps_token)
         _current.reset(token)
     return Outcome(
-        job.id, job.attempt, "succeeded", job.started_at, app.clock.now(), result, task=job.task
+        job.id,
+        job.attempt,
+        "succeeded",
+        job.started_at,
+        app.clock.now(),
+        result,
+        task=job.task,
+        limits=job.limits,
     )
 
 

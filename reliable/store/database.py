@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, Select, bindparam, case, func, select, text, update
 from sqlalchemy.engine import URL, make_url
@@ -138,6 +138,15 @@ _SETTLE = (
     )
 )
 _INSERT_JOB = jobs.insert()
+
+
+class _Held(NamedTuple):
+    """A row of ``_HELD``: a job whose attempt the settling worker still leases."""
+
+    id: str
+    attempts: int
+    limits: str | None
+    slots_held: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,29 +396,31 @@ class Store:
         groups: dict[str, str] = {}
         holding: set[str] = set()
         gave_back = False  # slots kept for riders went back: jobs may be unparked
+        kept: list[str | None] = []
         with self._write() as connection:
-            discarded, orphans, kept = (
-                self._settle(connection, worker_id, finished) if finished else ([], [], [])
-            )
             if limit > 0:
                 filtered = tasks is not None
                 # The first queue asked rotates, so no queue's backlog starves another.
                 self._rotation = (self._rotation + 1) % max(len(queues), 1)
                 order = [*queues[self._rotation :], *queues[: self._rotation]]
                 if limited:
-                    rows, decision, parked = self._start_limited(
+                    discarded, orphans, rows, decision, parked = self._start_limited(
                         connection,
+                        worker_id,
+                        finished,
                         filtered,
                         order,
                         params,
-                        kept,
                         held=held,
                         riders=riders,
                         riders_per_slot=riders_per_slot,
                     )
                     groups, holding = decision.groups, set(decision.holding_slots)
-                    gave_back, kept = bool(decision.gave_back), []
+                    gave_back = bool(decision.gave_back)
                 else:
+                    discarded, orphans, kept = (
+                        self._settle(connection, worker_id, finished) if finished else ([], [], [])
+                    )
                     flow.lock_kept(connection, kept)
                     rows = self._due(connection, _START_DUE, filtered, order, params)
                 claimed = [
@@ -428,6 +439,9 @@ class Store:
                     for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
                 ]
             else:
+                discarded, orphans, kept = (
+                    self._settle(connection, worker_id, finished) if finished else ([], [], [])
+                )
                 flow.lock_kept(connection, kept)
             if kept:  # kept for riders, but none was claimed
                 flow.release_slots(connection, kept)
@@ -439,27 +453,37 @@ class Store:
     def _start_limited(
         self,
         connection: Connection,
+        worker_id: str,
+        finished: Sequence[Outcome],
         filtered: bool,
         queues: Sequence[str],
         params: dict[str, Any],
-        kept: Sequence[str | None],
         *,
         held: Mapping[str, int] | None,
         riders: Mapping[str, int] | None,
         riders_per_slot: int,
-    ) -> tuple[Sequence[Any], flow.Admission, bool]:
-        """Lease the due jobs the limits admit (see ``flow.admit_limited``), hand them the
-        ``kept`` slots of their groups, park what full scopes block; return the rows of
-        the jobs started, the decision, and whether jobs it did not look at were parked."""
+    ) -> tuple[list[str], list[str], Sequence[Any], flow.Admission, bool]:
+        """Settle ``finished``, lease the due jobs the limits admit (see
+        ``flow.admit_limited``), hand them the slots kept for their groups, park what
+        full scopes block. Returns the ids whose lease was gone, the orphans, the rows of
+        the jobs started, the decision, and whether jobs it did not look at were parked.
+
+        The attempts to settle, the counters of the slots they may give back, the due
+        jobs and their counters are all read by one statement (``_CANDIDATES``)."""
         now = params["now"]
-        params["kept"] = flow.kept_scopes(kept)
+        params["held"] = [o.job_id for o in finished] + [o.heir[0] for o in finished if o.heir]
+        may_give_back = flow.kept_scopes([o.limits for o in finished])
+        params["kept"] = may_give_back
+        mine: dict[tuple[str, int], Any] = {}  # rows of the attempts to settle
         candidates: list[tuple[str, str | None]] = []
         counters: dict[str, tuple[int, int]] = {}
         flagged: list[str] = []  # kept scopes with jobs parked
         for kind, key, limits, in_use, capacity in self._due(
             connection, _CANDIDATES, filtered, queues, params
         ):
-            if kind == flow.CANDIDATE:
+            if kind == flow.HELD:
+                mine[(key, in_use)] = _Held(key, in_use, limits, capacity)
+            elif kind == flow.CANDIDATE:
                 candidates.append((key, limits))
                 if in_use is not None:  # SQLite: the counter of its first scope
                     counters[flow.parse(limits).caps[0][0]] = (in_use, capacity)
@@ -467,6 +491,11 @@ class Store:
                 counters[key] = (in_use, capacity)
             elif limits:
                 flagged += json.loads(limits)
+        discarded, orphans, kept = (
+            self._settle(connection, worker_id, finished, mine) if finished else ([], [], [])
+        )
+        if not set(flow.kept_scopes(kept)) <= set(may_give_back):
+            flow.lock_kept(connection, kept)  # an outcome that did not name its limits
         decision = flow.admit_limited(
             connection,
             self.dialect,
@@ -501,7 +530,7 @@ class Store:
             [{**params, "b_queue": name} for name in queues],
         )
         change.apply(connection, flagged, parked=decision.parked_scopes, made=made)
-        return rows, decision, parked
+        return discarded, orphans, rows, decision, parked
 
     def _due(
         self,
@@ -523,7 +552,7 @@ class Store:
                 break
             one = {**params, "b_queue": name, "limit": wanted}
             if kinds and n:
-                one["kept"] = []
+                one["kept"] = one["held"] = []
             got = connection.execute(statements[self.dialect][filtered], one).all()
             rows += got
             found += sum(1 for r in got if r[0] == flow.CANDIDATE) if kinds else len(got)
@@ -538,19 +567,27 @@ class Store:
         return discarded
 
     def _settle(
-        self, connection: Connection, worker_id: str, finished: Sequence[Outcome]
+        self,
+        connection: Connection,
+        worker_id: str,
+        finished: Sequence[Outcome],
+        held: Mapping[tuple[str, int], Any] | None = None,
     ) -> tuple[list[str], list[str], list[str | None]]:
         """Apply ``finished``; return the ids whose lease was gone, the orphans, and the
-        limits of slots kept for adoption (still to be released if none adopts them)."""
+        limits of slots kept for adoption (still to be released if none adopts them).
+
+        ``held``: the rows of ``_HELD`` for them and their heirs, when already read and
+        locked, by (id, attempt)."""
         # Fencing: an outcome lands only while its attempt still holds the lease. A job
         # cancelled, or taken over after its lease expired, keeps what happened since.
-        ids = [o.job_id for o in finished] + [o.heir[0] for o in finished if o.heir]
-        held = {
-            (row.id, row.attempts): row
-            for row in connection.execute(
-                _HELD[self.dialect], {"ids": ids, "worker": worker_id}
-            ).all()
-        }
+        if held is None:
+            ids = [o.job_id for o in finished] + [o.heir[0] for o in finished if o.heir]
+            held = {
+                (row.id, row.attempts): row
+                for row in connection.execute(
+                    _HELD[self.dialect], {"ids": ids, "worker": worker_id}
+                ).all()
+            }
         applied = [o for o in finished if (o.job_id, o.attempt) in held]
         discarded = [o.job_id for o in finished if (o.job_id, o.attempt) not in held]
         if applied:

@@ -48,6 +48,7 @@ from .records import DebounceCheck, NewJob, Outcome, RateState
 from .schema import (
     IS_CLAIMABLE,
     IS_DUE,
+    IS_RUNNING,
     concurrency,
     debounces,
     jobs,
@@ -193,24 +194,35 @@ _COUNTERS = per_dialect(
 )
 
 # The kinds of row ``candidates_statement`` returns.
-CANDIDATE, COUNTER, KEPT = 0, 1, 2
+CANDIDATE, COUNTER, KEPT, HELD = 0, 1, 2, 3
 
 
 def candidates_statement(due: Select[Any], dialect: str) -> Any:
     """The jobs ``due`` selects (their ids), with their limits, and in the same
     statement the counters of the scopes their caps name.
 
-    Rows have a ``kind``: CANDIDATE (``id``, ``limits``; on SQLite also ``in_use`` and
-    ``capacity`` of the first scope of its caps), COUNTER (``id`` is the scope;
-    ``in_use``, ``capacity``), and one KEPT row whose ``limits`` is the JSON list of the
-    scopes among ``:kept`` (those of the slots the claim keeps for riders) that have
-    parked jobs. On PostgreSQL the counters are locked, or skipped while another
-    claimer holds them; before them the kept ones are locked in one order, waiting for
-    them if need be (see ``lock_kept``). A union's parts run in order: one round trip
-    instead of three.
+    Rows have a ``kind``: HELD first, one per job of ``:held`` that ``:worker`` still
+    leases (``id``, ``limits``, and its attempt and ``slots_held`` as ``in_use`` and
+    ``capacity``: see ``Store._settle``); CANDIDATE (``id``, ``limits``; on SQLite also
+    ``in_use`` and ``capacity`` of the first scope of its caps); COUNTER (``id`` is the
+    scope; ``in_use``, ``capacity``); and one KEPT row whose ``limits`` is the JSON list
+    of the scopes among ``:kept`` (those of the slots the claim may give back) that have
+    parked jobs. On PostgreSQL the held jobs are locked first, then the kept counters,
+    in one order, waiting for them if need be (see ``lock_kept``); then the candidates
+    and their counters, skipped while another claimer holds them. A union's parts run
+    in order: one round trip instead of four.
     """
     jobs_due = due.add_columns(jobs.c.limits).cte("due")
     none = cast(null(), Integer)
+    mine = select(
+        literal_column(str(HELD)).label("kind"),
+        jobs.c.id,
+        jobs.c.limits,
+        jobs.c.attempts.label("in_use"),
+        jobs.c.slots_held.label("capacity"),
+    ).where(
+        one_of(jobs.c.id, "held", dialect), IS_RUNNING, jobs.c.lease_owner == bindparam("worker")
+    )
     if dialect != "postgresql":
         # One writer at a time: nothing to lock. Each candidate comes with the counter
         # of its first scope; admit_limited reads any other.
@@ -219,8 +231,9 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
             one_of(concurrency.c.scope, "kept", dialect), concurrency.c.parked == 1
         )
         return union_all(
+            mine,
             select(
-                literal_column(str(CANDIDATE)).label("kind"),
+                literal_column(str(CANDIDATE)),
                 jobs_due.c.id,
                 jobs_due.c.limits,
                 concurrency.c.in_use,
@@ -248,13 +261,15 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
     ).where(concurrency.c.scope.in_(named))
     kept = _LOCK_IN_ORDER.add_columns(concurrency.c.parked).subquery()  # all locked
     locked = counters.with_for_update(skip_locked=True).subquery()
+    held = mine.with_for_update().subquery()
     return union_all(
+        select(*held.c),
         select(
-            literal_column(str(CANDIDATE)).label("kind"),
+            literal_column(str(CANDIDATE)),
             jobs_due.c.id,
             jobs_due.c.limits,
-            none.label("in_use"),
-            none.label("capacity"),
+            none,
+            none,
         ),
         select(
             literal_column(str(KEPT)),

@@ -132,6 +132,9 @@ class Outcome:
     # No heir yet: keep the slots for a rider of the same group claimed in the same
     # transaction, releasing them only if none is.
     keep_slots: bool = False
+    # The job's limits JSON, as claimed: a claim locks the counters of the slots it may
+    # give back before it reads any other.
+    limits: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
