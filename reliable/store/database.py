@@ -491,9 +491,14 @@ class Store:
                 counters[key] = (in_use, capacity)
             elif limits:
                 flagged += json.loads(limits)
+        freed: dict[str, int] = {}
         discarded, orphans, kept = (
-            self._settle(connection, worker_id, finished, mine) if finished else ([], [], [])
+            self._settle(connection, worker_id, finished, mine, freed) if finished else ([], [], [])
         )
+        for scope, count in freed.items():  # released since the counters were read
+            if scope in counters:
+                used, capacity = counters[scope]
+                counters[scope] = (used - count, capacity)
         if not set(flow.kept_scopes(kept)) <= set(may_give_back):
             flow.lock_kept(connection, kept)  # an outcome that did not name its limits
         decision = flow.admit_limited(
@@ -572,12 +577,13 @@ class Store:
         worker_id: str,
         finished: Sequence[Outcome],
         held: Mapping[tuple[str, int], Any] | None = None,
+        freed: dict[str, int] | None = None,
     ) -> tuple[list[str], list[str], list[str | None]]:
         """Apply ``finished``; return the ids whose lease was gone, the orphans, and the
         limits of slots kept for adoption (still to be released if none adopts them).
 
         ``held``: the rows of ``_HELD`` for them and their heirs, when already read and
-        locked, by (id, attempt)."""
+        locked, by (id, attempt); ``freed`` is given the slots released, per scope."""
         # Fencing: an outcome lands only while its attempt still holds the lease. A job
         # cancelled, or taken over after its lease expired, keeps what happened since.
         if held is None:
@@ -634,6 +640,8 @@ class Store:
         if moves.transfers:
             connection.execute(_TAKE_OVER[self.dialect], {"ids": moves.transfers})
         flow.release_slots(connection, moves.released)
+        if freed is not None:
+            freed.update(flow.slots_of(moves.released))
         return discarded, moves.orphans, moves.kept
 
     # -- leases -------------------------------------------------------------------------

@@ -609,7 +609,7 @@ def unpark(connection: Connection, freed: dict[str, int]) -> None:
         )
 
 
-def _count(held: Sequence[str | None]) -> dict[str, int]:
+def slots_of(held: Sequence[str | None]) -> dict[str, int]:
     """Slots per scope held by attempts whose jobs' limits JSON are ``held``."""
     slots: dict[str, int] = {}
     for document in held:
@@ -621,7 +621,7 @@ def _count(held: Sequence[str | None]) -> dict[str, int]:
 
 def kept_scopes(kept: Sequence[str | None]) -> list[str]:
     """The scopes of the slots whose limits JSON are ``kept``, in lock order."""
-    return sorted(_count(kept))
+    return sorted(slots_of(kept))
 
 
 def lock_kept(connection: Connection, kept: Sequence[str | None]) -> None:
@@ -645,7 +645,7 @@ class CounterChange:
     def of(cls, taken: Mapping[str, int], released: Sequence[str | None]) -> CounterChange:
         """``taken`` slots per scope; ``released``: the limits JSON of each kept slot."""
         amounts = dict(taken)
-        for scope, count in _count(released).items():
+        for scope, count in slots_of(released).items():
             amounts[scope] = amounts.get(scope, 0) - count
         return cls({scope: n for scope, n in amounts.items() if n})
 
@@ -680,7 +680,7 @@ class CounterChange:
 
 def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
     """Give back the slots of attempts that ended; ``held`` are their jobs' limits JSON."""
-    _release(connection, _count(held))
+    _release(connection, slots_of(held))
 
 
 def _release(connection: Connection, freed: dict[str, int]) -> None:
