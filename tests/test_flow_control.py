@@ -41,6 +41,49 @@ def test_concurrency_cap_holds_and_slots_come_back(rel: Reliable) -> None:
     assert len(claim(rel, "c")) == 2
 
 
+def test_a_slot_released_by_the_settle_of_a_claim_is_free_for_that_claim(rel: Reliable) -> None:
+    from reliable.execution import run_attempt
+
+    @rel.task(concurrency=1)
+    def work(i: int) -> int:
+        return i
+
+    work.enqueue(0)
+    [first] = claim(rel, "a")
+    work.enqueue(1)
+    work.enqueue(2)
+    # The claim reads the counter before it settles: it must see the slot come back.
+    result = rel.store.claim(
+        "a",
+        ["default"],
+        10,
+        rel.clock.now(),
+        30,
+        [run_attempt(rel, first)],
+        tasks=list(rel.tasks),
+        limited=True,
+    )
+    [second] = result.jobs
+    assert second.holds_slots and second.id != first.id
+    assert claim(rel, "b") == []  # and the cap still holds: the third job is parked
+    assert rel.store.flow_state(rel.clock.now())["concurrency"][0]["in_use"] == 1
+    # Settling the second unparks the third after the claim read the due jobs: the
+    # claim says to claim again at once.
+    result = rel.store.claim(
+        "a",
+        ["default"],
+        10,
+        rel.clock.now(),
+        30,
+        [run_attempt(rel, second)],
+        tasks=list(rel.tasks),
+        limited=True,
+    )
+    assert result.jobs == [] and result.again
+    [third] = claim(rel, "a")
+    assert third.id not in (first.id, second.id)
+
+
 def test_per_key_caps_are_independent(rel: Reliable) -> None:
     @rel.task(concurrency=Concurrency(1, key="arg:account"))
     def close(account: str, n: int) -> None: ...

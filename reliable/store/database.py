@@ -466,7 +466,8 @@ class Store:
         """Settle ``finished``, lease the due jobs the limits admit (see
         ``flow.admit_limited``), hand them the slots kept for their groups, park what
         full scopes block. Returns the ids whose lease was gone, the orphans, the rows of
-        the jobs started, the decision, and whether jobs it did not look at were parked.
+        the jobs started, the decision, and whether jobs it did not look at may have been
+        parked or unparked.
 
         The attempts to settle, the counters of the slots they may give back, the due
         jobs and their counters are all read by one statement (``_CANDIDATES``)."""
@@ -535,7 +536,8 @@ class Store:
             [{**params, "b_queue": name} for name in queues],
         )
         change.apply(connection, flagged, parked=decision.parked_scopes, made=made)
-        return discarded, orphans, rows, decision, parked
+        # Slots the settle released unparked jobs this claim had read past: claim again.
+        return discarded, orphans, rows, decision, parked or bool(freed)
 
     def _due(
         self,
