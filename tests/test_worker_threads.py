@@ -81,6 +81,28 @@ def test_timeout_preempts_a_stuck_attempt_and_the_pool_keeps_working(live: Relia
     assert lost.error is not None and "timeout" in lost.error["message"]
 
 
+def test_a_timed_out_attempt_gives_its_concurrency_slot_back_at_once(live: Reliable) -> None:
+    release = threading.Event()
+
+    @live.task(concurrency=1, timeout=0.3, retries=0)
+    def capped(stuck: bool) -> str:
+        if stuck:
+            release.wait(10)  # ignores its timeout, and keeps its thread
+        return "done"
+
+    live.start_worker(threads=2)
+    try:
+        first = capped.enqueue(True)
+        time.sleep(0.1)  # the stuck attempt holds the only slot
+        second = capped.enqueue(False)
+        # Well within the lease (5 s): the slot came back when the first timed out.
+        assert second.result(timeout=3) == "done"
+        assert live.get_job(first.id).status == "failed"
+    finally:
+        release.set()
+        live.stop_worker(timeout=5)
+
+
 def test_stop_lets_short_attempts_finish_and_releases_long_ones(live: Reliable) -> None:
     started = threading.Event()
     release = threading.Event()
