@@ -8,7 +8,7 @@ import pytest
 
 from reliable import ConfigError, ManualClock, RateLimited, Reliable, current_job
 from reliable.limits import Concurrency, MissingKey, RateLimit
-from reliable.store import ClaimedJob
+from reliable.store import ClaimedJob, ClaimResult
 
 
 def claim(rel: Reliable, worker: str, limit: int = 10) -> list[ClaimedJob]:
@@ -41,9 +41,23 @@ def test_concurrency_cap_holds_and_slots_come_back(rel: Reliable) -> None:
     assert len(claim(rel, "c")) == 2
 
 
-def test_a_slot_released_by_the_settle_of_a_claim_is_free_for_that_claim(rel: Reliable) -> None:
+def settle_and_claim(rel: Reliable, worker: str, job: ClaimedJob) -> ClaimResult:
+    """Settle ``job``'s attempt and claim again, in one claim."""
     from reliable.execution import run_attempt
 
+    return rel.store.claim(
+        worker,
+        ["default"],
+        10,
+        rel.clock.now(),
+        30,
+        [run_attempt(rel, job)],
+        tasks=list(rel.tasks),
+        limited=True,
+    )
+
+
+def test_a_slot_released_by_the_settle_of_a_claim_is_free_for_that_claim(rel: Reliable) -> None:
     @rel.task(concurrency=1)
     def work(i: int) -> int:
         return i
@@ -53,32 +67,13 @@ def test_a_slot_released_by_the_settle_of_a_claim_is_free_for_that_claim(rel: Re
     work.enqueue(1)
     work.enqueue(2)
     # The claim reads the counter before it settles: it must see the slot come back.
-    result = rel.store.claim(
-        "a",
-        ["default"],
-        10,
-        rel.clock.now(),
-        30,
-        [run_attempt(rel, first)],
-        tasks=list(rel.tasks),
-        limited=True,
-    )
-    [second] = result.jobs
+    [second] = settle_and_claim(rel, "a", first).jobs
     assert second.holds_slots and second.id != first.id
     assert claim(rel, "b") == []  # and the cap still holds: the third job is parked
     assert rel.store.flow_state(rel.clock.now())["concurrency"][0]["in_use"] == 1
     # Settling the second unparks the third after the claim read the due jobs: the
     # claim says to claim again at once.
-    result = rel.store.claim(
-        "a",
-        ["default"],
-        10,
-        rel.clock.now(),
-        30,
-        [run_attempt(rel, second)],
-        tasks=list(rel.tasks),
-        limited=True,
-    )
+    result = settle_and_claim(rel, "a", second)
     assert result.jobs == [] and result.again
     [third] = claim(rel, "a")
     assert third.id not in (first.id, second.id)

@@ -396,56 +396,49 @@ class Store:
         groups: dict[str, str] = {}
         holding: set[str] = set()
         gave_back = False  # slots kept for riders went back: jobs may be unparked
-        kept: list[str | None] = []
+        rows: Sequence[Any] = ()
         with self._write() as connection:
-            if limit > 0:
-                filtered = tasks is not None
-                # The first queue asked rotates, so no queue's backlog starves another.
-                self._rotation = (self._rotation + 1) % max(len(queues), 1)
-                order = [*queues[self._rotation :], *queues[: self._rotation]]
-                if limited:
-                    discarded, orphans, rows, decision, parked = self._start_limited(
-                        connection,
-                        worker_id,
-                        finished,
-                        filtered,
-                        order,
-                        params,
-                        held=held,
-                        riders=riders,
-                        riders_per_slot=riders_per_slot,
-                    )
-                    groups, holding = decision.groups, set(decision.holding_slots)
-                    gave_back = bool(decision.gave_back)
-                else:
-                    discarded, orphans, kept = (
-                        self._settle(connection, worker_id, finished) if finished else ([], [], [])
-                    )
-                    flow.lock_kept(connection, kept)
-                    rows = self._due(connection, _START_DUE, filtered, order, params)
-                claimed = [
-                    ClaimedJob(
-                        r.id,
-                        r.task,
-                        r.queue,
-                        r.payload,
-                        r.attempts,
-                        now,
-                        worker_id,
-                        r.limits,
-                        groups.get(r.id),
-                        r.id in holding,
-                    )
-                    for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
-                ]
-            else:
-                discarded, orphans, kept = (
-                    self._settle(connection, worker_id, finished) if finished else ([], [], [])
+            filtered = tasks is not None
+            # The first queue asked rotates, so no queue's backlog starves another.
+            self._rotation = (self._rotation + 1) % max(len(queues), 1)
+            order = [*queues[self._rotation :], *queues[: self._rotation]]
+            if limit > 0 and limited:
+                discarded, orphans, rows, decision, parked = self._start_limited(
+                    connection,
+                    worker_id,
+                    finished,
+                    filtered,
+                    order,
+                    params,
+                    held=held,
+                    riders=riders,
+                    riders_per_slot=riders_per_slot,
                 )
+                groups, holding = decision.groups, set(decision.holding_slots)
+                gave_back = bool(decision.gave_back)
+            else:
+                discarded, orphans, kept = self._settle(connection, worker_id, finished)
                 flow.lock_kept(connection, kept)
-            if kept:  # kept for riders, but none was claimed
-                flow.release_slots(connection, kept)
-                gave_back = True
+                if limit > 0:
+                    rows = self._due(connection, _START_DUE, filtered, order, params)
+                if kept:  # kept for riders, but none was claimed
+                    flow.release_slots(connection, kept)
+                    gave_back = True
+            claimed = [
+                ClaimedJob(
+                    r.id,
+                    r.task,
+                    r.queue,
+                    r.payload,
+                    r.attempts,
+                    now,
+                    worker_id,
+                    r.limits,
+                    groups.get(r.id),
+                    r.id in holding,
+                )
+                for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
+            ]
         if finished:
             self._notify_changed()
         return ClaimResult(claimed, discarded, orphans, gave_back or parked)
@@ -487,20 +480,18 @@ class Store:
             elif kind == flow.CANDIDATE:
                 candidates.append((key, limits))
                 if in_use is not None:  # SQLite: the counter of its first scope
-                    counters[flow.parse(limits).caps[0][0]] = (in_use, capacity)
+                    counters[flow.parse(limits).scopes[0]] = (in_use, capacity)
             elif kind == flow.COUNTER:
                 counters[key] = (in_use, capacity)
             elif limits:
                 flagged += json.loads(limits)
         freed: dict[str, int] = {}
-        discarded, orphans, kept = (
-            self._settle(connection, worker_id, finished, mine, freed) if finished else ([], [], [])
-        )
+        discarded, orphans, kept = self._settle(connection, worker_id, finished, mine, freed)
         for scope, count in freed.items():  # released since the counters were read
             if scope in counters:
                 used, capacity = counters[scope]
                 counters[scope] = (used - count, capacity)
-        if not set(flow.kept_scopes(kept)) <= set(may_give_back):
+        if not flow.slots_of(kept).keys() <= set(may_give_back):
             flow.lock_kept(connection, kept)  # an outcome that did not name its limits
         decision = flow.admit_limited(
             connection,
@@ -586,6 +577,8 @@ class Store:
 
         ``held``: the rows of ``_HELD`` for them and their heirs, when already read and
         locked, by (id, attempt); ``freed`` is given the slots released, per scope."""
+        if not finished:
+            return [], [], []
         # Fencing: an outcome lands only while its attempt still holds the lease. A job
         # cancelled, or taken over after its lease expired, keeps what happened since.
         if held is None:

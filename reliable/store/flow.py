@@ -207,10 +207,10 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
     ``in_use`` and ``capacity`` of the first scope of its caps); COUNTER (``id`` is the
     scope; ``in_use``, ``capacity``); and one KEPT row whose ``limits`` is the JSON list
     of the scopes among ``:kept`` (those of the slots the claim may give back) that have
-    parked jobs. On PostgreSQL the held jobs are locked first, then the kept counters,
-    in one order, waiting for them if need be (see ``lock_kept``); then the candidates
-    and their counters, skipped while another claimer holds them. A union's parts run
-    in order: one round trip instead of four.
+    parked jobs. On PostgreSQL a union's parts run in order, and lock in this order:
+    the held jobs, the candidates (skipped while another claimer holds them), the kept
+    counters in one order, waited for if need be (see ``lock_kept``), and the
+    candidates' counters (skipped too). One round trip instead of four.
     """
     jobs_due = due.add_columns(jobs.c.limits).cte("due")
     none = cast(null(), Integer)
@@ -297,10 +297,11 @@ def admit_limited(
 ) -> Admission:
     """Decide which of ``candidates`` (id, limits) may start now, in candidate order.
 
-    ``counters`` maps the scopes of their caps to (in use, capacity), as read and
-    locked with them (``candidates_statement``); a scope missing there is held by
-    another claimer, or has no counter row yet: ``known`` caches the scopes whose row
-    exists, and those that don't are created and read here.
+    ``counters`` maps scopes of their caps to (in use, capacity), as read and locked
+    with them (``candidates_statement``). A scope missing there is read here: after its
+    row is created if it has none (``known`` caches the scopes whose row exists), and on
+    SQLite, which reads only each job's first scope with it; on PostgreSQL a scope whose
+    row exists and was not read is held by another claimer, and waits for next round.
     ``held`` maps slot groups to how many slots of each the claiming worker holds;
     ``riders`` maps them to how many more jobs of that group it will take as riders;
     each slot granted here adds ``riders_per_slot`` to its group. A candidate whose
@@ -432,7 +433,7 @@ def admit_limited(
             if riders_per_slot:
                 budget[group] = budget.get(group, 0) + riders_per_slot
 
-    decision.taken = taken  # written by ``adjust`` with the claim's releases
+    decision.taken = taken  # written by the claim's ``CounterChange``, with its releases
     if stale_capacity:
         connection.execute(
             update(concurrency)
