@@ -466,7 +466,8 @@ class Store:
         jobs and their counters are all read by one statement (``_CANDIDATES``)."""
         now = params["now"]
         params["held"] = [o.job_id for o in finished] + [o.heir[0] for o in finished if o.heir]
-        may_give_back = flow.kept_scopes([o.limits for o in finished])
+        settled = {o.limits for o in finished}
+        may_give_back = flow.kept_scopes(list(settled))
         params["kept"] = may_give_back
         mine: dict[tuple[str, int], Any] = {}  # rows of the attempts to settle
         candidates: list[tuple[str, str | None]] = []
@@ -491,7 +492,7 @@ class Store:
             if scope in counters:
                 used, capacity = counters[scope]
                 counters[scope] = (used - count, capacity)
-        if not flow.slots_of(kept).keys() <= set(may_give_back):
+        if not settled.issuperset(kept):
             flow.lock_kept(connection, kept)  # an outcome that did not name its limits
         decision = flow.admit_limited(
             connection,

@@ -149,6 +149,8 @@ def board_parked(connection: Connection, dialect: str, decision: Admission, now:
 def adopt(decision: Admission, kept: Sequence[str | None]) -> list[str | None]:
     """Riders of ``decision`` take over the ``kept`` slots (limits JSON) of their group,
     in claim order, and so start holding them; returns the slots left over."""
+    if not decision.riders:
+        return list(kept)
     waiting: dict[str | None, list[str | None]] = {}
     for document in kept:
         group = parse(document).group if document else None
