@@ -6,7 +6,7 @@ For SQLite and PostgreSQL, in one run: the drain rate of no-op jobs with one wor
 process (4 threads) for an uncapped task, ``concurrency=4``, ``Concurrency(1, key=...)``
 over 100 keys, and a rate limit set far above the drain rate, each as a ratio of the
 uncapped rate; and the enqueue rate with and without ``rate_limit``. The cases take
-turns, three rounds of them (one with --quick), and each figure is the median of its
+turns, five rounds of them (one with --quick), and each figure is the median of its
 runs: the machine's speed drifts more between minutes than the cases differ.
 
 Then, in the same run, the same drains by DBOS and PgQueuer (bench/peers/flow_peers.py,
@@ -173,9 +173,9 @@ def enqueue_rate(url: str, case: str, count: int) -> float:
 
 
 def run(quick: bool, peers: bool) -> dict[str, Any]:
-    count = 4000 if quick else 20000
+    count = 4000 if quick else 40000
     enqueues = 300 if quick else 2000
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as directory:
         workdir = Path(directory)
