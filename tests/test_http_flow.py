@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import tenacity
-from flask import Flask
+from flask import Flask, request
 from starlette.applications import Starlette
 from starlette.exceptions import StarletteDeprecationWarning
 from starlette.middleware import Middleware
@@ -55,6 +55,13 @@ def flask_app(rel: Reliable, calls: Counter[str]) -> Post:
             return {"error": "mail server down"}, 503
         return {"charged": charged}, 201
 
+    @app.post("/reindex")
+    @rel.offload(debounce="5s", key="json:doc")
+    def reindex() -> tuple[dict[str, int], int]:
+        version = int(request.get_json()["version"])
+        calls[f"version {version}"] += 1
+        return {"version": version}, 200
+
     ReliableFlask(app, rel)
     client = app.test_client()
     return lambda path, **kwargs: client.post(path, **kwargs)
@@ -81,8 +88,15 @@ def starlette_app(rel: Reliable, calls: Counter[str]) -> Post:
             return JSONResponse({"error": "mail server down"}, status_code=503)
         return JSONResponse({"charged": charged}, status_code=201)
 
+    @rel.offload(debounce="5s", key="json:doc")
+    async def reindex(request: Request) -> JSONResponse:
+        version = int((await request.json())["version"])
+        calls[f"version {version}"] += 1
+        return JSONResponse({"version": version})
+
     app = Starlette(
         routes=[
+            Route("/reindex", reindex, methods=["POST"]),
             Route("/notify/{user:int}", notify, methods=["POST"]),
             Route("/tenants/sync", sync, methods=["POST"]),
             Route("/checkout/{order:int}", checkout, methods=["POST"]),
@@ -129,6 +143,27 @@ def test_a_missing_key_is_a_400_problem(post: tuple[Post, Counter[str]], rel: Re
     assert "header:X-Tenant" in document(missing)["detail"]
     assert send("/tenants/sync", headers={"X-Tenant": "acme"}).status_code == 202
     assert rel.store.count_by_status() == {"queued": 1}
+
+
+def test_debounced_requests_share_one_job_that_runs_with_the_latest_body(
+    post: tuple[Post, Counter[str]], rel: Reliable, clock: ManualClock
+) -> None:
+    send, calls = post
+    first = send("/reindex", json={"doc": "a", "version": 1})
+    clock.advance(3)
+    second = send("/reindex", json={"doc": "a", "version": 2})
+    other = send("/reindex", json={"doc": "b", "version": 7})
+    assert first.status_code == second.status_code == other.status_code == 202
+    # Each collapsed request's 202 points at the one job that will run.
+    assert second.headers["Location"] == first.headers["Location"]
+    assert document(second)["id"] == document(first)["id"] != document(other)["id"]
+    assert rel.store.count_by_status() == {"queued": 2}
+    clock.advance(4)  # 4 s after the last request of "a": not due yet
+    assert rel.run_until_idle() == 0
+    clock.advance(1)
+    assert rel.run_until_idle() == 2
+    assert calls == {"version 2": 1, "version 7": 1}
+    assert rel.get_job(document(first)["id"]).result["body"] == {"version": 2}
 
 
 def test_steps_in_an_offloaded_route_run_once_across_retries(
