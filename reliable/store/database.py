@@ -635,9 +635,10 @@ class Store:
         moves = flow.pass_slots(finished, held)
         if moves.transfers:
             connection.execute(_TAKE_OVER[self.dialect], {"ids": moves.transfers})
-        flow.release_slots(connection, moves.released)
+        released = flow.slots_of(moves.released)
+        flow.release(connection, released)
         if freed is not None:
-            freed.update(flow.slots_of(moves.released))
+            freed.update(released)
         return discarded, moves.orphans, moves.kept
 
     # -- leases -------------------------------------------------------------------------

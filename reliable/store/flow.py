@@ -683,10 +683,11 @@ class CounterChange:
 
 def release_slots(connection: Connection, held: Sequence[str | None]) -> None:
     """Give back the slots of attempts that ended; ``held`` are their jobs' limits JSON."""
-    _release(connection, slots_of(held))
+    release(connection, slots_of(held))
 
 
-def _release(connection: Connection, freed: dict[str, int]) -> None:
+def release(connection: Connection, freed: dict[str, int]) -> None:
+    """Give back ``freed`` slots per scope, and unpark as many jobs of those with some."""
     parked: set[str] = set()
     for change in _grouped(freed):
         rows = connection.execute(_RELEASE[connection.dialect.name], change)
