@@ -164,13 +164,30 @@ def _start_embedded_worker(rel: Reliable, threads: int) -> bool:
         return False  # another app of this process shares the Reliable and started it
     rel.start_worker(threads=threads)
     atexit.register(_stop_at_exit, weakref.ref(rel))
+    _exit_on_sigterm()
     return True
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM end the process through ``atexit``, where the worker stops gracefully.
+
+    Only where SIGTERM still has Python's default action, which kills the process on
+    the spot (Flask's own server, a plain script); a server that handles SIGTERM
+    (gunicorn, uvicorn) exits through ``atexit`` already, and its handler is kept.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit)
+
+
+def _exit(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _stop_at_exit(ref: weakref.ref[Reliable]) -> None:
     rel = ref()
     if rel is not None:
-        rel.stop_worker()
+        rel.stop_worker(exiting=True)
 
 
 # -- HTTP ------------------------------------------------------------------------------

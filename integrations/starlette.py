@@ -6,18 +6,21 @@ While the app handles a request, the middleware keeps it in a context variable; 
 offloaded endpoint's stand-in then has ``StarletteAdapter.offload`` read the body (no
 further than the limit), snapshot the request and commit it. In the worker,
 ``StarletteAdapter.run`` rebuilds a ``Request`` and calls the real endpoint; FastAPI
-endpoints get back the values FastAPI validated, stored as JSON.
+endpoints get back the values FastAPI validated, stored as JSON, except those that carry
+credentials, which are never stored (see ``StarletteAdapter``).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import signal
 import sys
+import threading
 import typing
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +35,7 @@ from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reliable import ConfigError, Reliable
+from reliable import ConfigError, Reliable, current_job
 from reliable.web import (
     HttpResponse,
     RequestSnapshot,
@@ -45,6 +48,7 @@ from reliable.web import (
     too_large,
 )
 from reliable.web.routes import register_adapter
+from reliable.web.snapshot import NO_CREDENTIALS, Credentials, hidden_headers
 
 __all__ = ["ReliableMiddleware", "StarletteAdapter"]
 
@@ -196,12 +200,14 @@ class ReliableMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_worker = False
+        ending = _Termination()
 
         async def receive_then_stop() -> Message:
             message = await receive()
             if message["type"] == "lifespan.shutdown" and started_worker:
                 # Before the app's own shutdown: running jobs may use what it closes.
-                await anyio.to_thread.run_sync(self.reliable.stop_worker)
+                stop = functools.partial(self.reliable.stop_worker, exiting=ending.seen)
+                await anyio.to_thread.run_sync(stop)
             return message
 
         async def start_then_send(message: Message) -> None:
@@ -210,6 +216,8 @@ class ReliableMiddleware:
                 _check_routes(scope.get("app"))
                 self._adopt(scope.get("app"), scope.get("state"))
                 started_worker = await anyio.to_thread.run_sync(self._open)
+                if started_worker:
+                    ending.watch()
             await send(message)
 
         await self.app(scope, receive_then_stop, start_then_send)
@@ -234,6 +242,35 @@ class ReliableMiddleware:
         app_state = getattr(app, "state", None)
         if app_state is not None and getattr(app_state, "reliable", None) is None:
             app_state.reliable = self.reliable
+
+
+class _Termination:
+    """Whether the server was told to end the process (SIGTERM, SIGINT) before the
+    lifespan's shutdown: then the worker gives back at once the jobs whose attempts
+    outlive the grace period, since their threads end with the process; a lifespan
+    that ends otherwise (a test client) leaves them their jobs until they return.
+
+    Servers such as uvicorn handle those signals and, once served, kill the process
+    with the signal's default action, where ``atexit`` does not run: this is the last
+    moment to give the jobs back. The server's own handlers still run, after ours.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def watch(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may handle signals: a test client's portal
+        for signum in self.SIGNALS:
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                signal.signal(signum, functools.partial(self._note, previous))
+
+    def _note(self, previous: Callable[[int, Any], Any], signum: int, frame: Any) -> None:
+        self.seen = True
+        previous(signum, frame)
 
 
 def _response(answer: HttpResponse) -> Response:
@@ -304,7 +341,20 @@ def _scope(snapshot: RequestSnapshot, host: _Host | None) -> Scope:
 
 
 class StarletteAdapter:
-    """The ``Adapter`` (``reliable.web.routes``) for Starlette and FastAPI endpoints."""
+    """The ``Adapter`` (``reliable.web.routes``) for Starlette and FastAPI endpoints.
+
+    A FastAPI endpoint's parameters are stored as the values FastAPI validated, except
+    those that carry credentials: a ``Header()`` parameter whose header is
+    ``Authorization``, ``Cookie``, ``Proxy-Authorization`` or in
+    ``RELIABLE_REDACT_HEADERS``; every ``Cookie()`` parameter; and a ``Depends`` or
+    ``Security`` parameter on a ``fastapi.security`` scheme (``HTTPBearer``,
+    ``HTTPBasic``, ``OAuth2PasswordBearer``, ``APIKeyHeader``...). Their values are
+    withheld, and so are the header or query parameter of an API key scheme anywhere
+    in the endpoint's dependencies. In the worker a withheld parameter gets the value
+    the capture hook returned under its name, when the hook returned a dict with that
+    key, else ``None``: have the hook return who the caller is (a user id), not the
+    credential, and let the endpoint take it from there.
+    """
 
     name = "starlette"
 
@@ -329,11 +379,13 @@ class StarletteAdapter:
         if body is None:
             return _response(too_large(incoming.limit))
         arguments = None
+        credentials = NO_CREDENTIALS
         request = args[0] if len(args) == 1 and isinstance(args[0], Request) else None
         if request is None:  # FastAPI calls with keywords: the values it validated
             arguments = {k: v for k, v in kwargs.items() if not isinstance(v, HTTPConnection)}
             given = [v for v in kwargs.values() if isinstance(v, Request)]
             request = given[0] if given else Request(incoming.scope, _replay(body))
+            credentials = _credentials(route, request.scope.get("route"))
         captured = await _call_hook(route.route.capture or route.app.capture_hook, request)
         caller = await _call_hook(route.route.idempotency_scope, request)
         decide = functools.partial(
@@ -345,11 +397,15 @@ class StarletteAdapter:
             captured=captured,
             scope=None if caller is None else str(caller),
             request=request,
+            credentials=credentials,
         )
         return _response(await anyio.to_thread.run_sync(decide))
 
     async def run(self, route: RouteTask, snapshot: RequestSnapshot) -> HttpResponse:
-        """In the worker: call the endpoint on the rebuilt request; collect its response."""
+        """In the worker: call the endpoint on the rebuilt request; collect its response.
+
+        A withheld parameter gets the capture hook's value under its name, else ``None``.
+        """
         host = _host_of(route)
         scope = _scope(snapshot, host)
         request = Request(scope, _replay(snapshot.body))
@@ -357,7 +413,8 @@ class StarletteAdapter:
             call = functools.partial(route.fn, request)
         else:
             requests = dict.fromkeys(_request_parameters(route.fn), request)
-            call = functools.partial(route.fn, **snapshot.arguments, **requests)
+            restored = _restored(snapshot.withheld, current_job().captured)
+            call = functools.partial(route.fn, **snapshot.arguments, **restored, **requests)
         try:
             if inspect.iscoroutinefunction(route.fn):
                 result = await call()
@@ -370,6 +427,75 @@ class StarletteAdapter:
         if not isinstance(result, Response):
             result = await _render(result, _api_route(host, route))
         return await _collect(result, scope, request.receive)
+
+
+def _restored(withheld: Iterable[str], captured: Any) -> dict[str, Any]:
+    """Values for withheld parameters: the capture hook's, by name, else ``None``."""
+    found = captured if isinstance(captured, dict) else {}
+    return {name: found.get(name) for name in withheld}
+
+
+# Per offloaded route, where its FastAPI endpoint takes credentials.
+_CREDENTIALS: weakref.WeakKeyDictionary[RouteTask, Credentials] = weakref.WeakKeyDictionary()
+
+
+def _credentials(route: RouteTask, api_route: Any) -> Credentials:
+    """Where the FastAPI endpoint of ``route`` takes credentials (``api_route`` is the
+    ``APIRoute`` that matched the request: ``scope["route"]``)."""
+    found = _CREDENTIALS.get(route)
+    if found is None:
+        dependant = getattr(api_route, "dependant", None)
+        if dependant is None or _route_of(api_route) is not route:
+            dependant = getattr(_api_route(_host_of(route), route), "dependant", None)
+        if dependant is None:
+            return NO_CREDENTIALS
+        found = _find_credentials(dependant, route.app.settings.redact_headers)
+        _CREDENTIALS[route] = found
+    return found
+
+
+def _find_credentials(dependant: Any, redact: Iterable[str]) -> Credentials:
+    """The endpoint's parameters that carry credentials (``Header()`` on a credential
+    header, ``Cookie()``, a security scheme), and the headers and query parameters that
+    API key schemes read anywhere in its dependencies."""
+    from fastapi.security.base import SecurityBase
+
+    hidden = hidden_headers(redact)
+    arguments = {field.name for field in dependant.cookie_params}
+    arguments |= {field.name for field in dependant.header_params if _header_names(field) & hidden}
+    arguments |= {
+        sub.name
+        for sub in dependant.dependencies
+        if sub.name and isinstance(sub.call, SecurityBase)
+    }
+    headers: set[str] = set()
+    query: set[str] = set()
+    pending = list(dependant.dependencies)
+    while pending:
+        sub = pending.pop()
+        pending.extend(sub.dependencies)
+        model = getattr(sub.call, "model", None) if isinstance(sub.call, SecurityBase) else None
+        location = getattr(getattr(model, "in_", None), "value", None)
+        name = getattr(model, "name", None)
+        if isinstance(name, str) and location == "header":
+            headers.add(name.lower())
+        elif isinstance(name, str) and location == "query":
+            query.add(name)
+    return Credentials(frozenset(arguments), frozenset(headers), frozenset(query))
+
+
+def _header_names(field: Any) -> set[str]:
+    """The headers a FastAPI ``Header()`` parameter reads (each field's, for a model)."""
+    info = getattr(field, "field_info", None)
+    annotation = getattr(info, "annotation", None)
+    model_fields = getattr(annotation, "model_fields", None)
+    names: list[str] = [field.alias or field.name]
+    if isinstance(annotation, type) and isinstance(model_fields, dict):
+        names = [value.alias or key for key, value in model_fields.items()]
+    converted = {name.replace("_", "-") for name in names}
+    if getattr(info, "convert_underscores", True) is False:
+        converted = set()
+    return {name.lower() for name in {*names, *converted}}
 
 
 async def _call_hook(hook: Callable[[Any], Any] | None, request: Request) -> Any:

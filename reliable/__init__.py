@@ -11,6 +11,7 @@ from .errors import (
     JobNotFound,
     JobTimeout,
     NonRetriable,
+    PayloadTooLarge,
     RateLimited,
     ReliableError,
     RetryAfter,
@@ -20,6 +21,7 @@ from .errors import (
 )
 from .jobs import AttemptInfo, JobHandle, JobInfo, JobStatus, StepInfo
 from .limits import Concurrency, Debounce, RateLimit, Throttle
+from .serialization import register_type
 from .settings import Settings
 from .steps import sleep, sleep_until, step, wait_for_event
 from .tasks import Task
@@ -41,6 +43,7 @@ __all__ = [
     "JobTimeout",
     "ManualClock",
     "NonRetriable",
+    "PayloadTooLarge",
     "RateLimit",
     "RateLimited",
     "Reliable",
@@ -55,6 +58,7 @@ __all__ = [
     "Throttle",
     "UnknownTask",
     "current_job",
+    "register_type",
     "sleep",
     "sleep_until",
     "step",

@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
 from .clock import Clock, SystemClock
-from .errors import ConfigError, IdempotencyConflict, JobNotFound
-from .execution import after_failure, run_attempt
+from .context import CANCELLED, AttemptControl
+from .errors import ConfigError, IdempotencyConflict, JobNotFound, PayloadTooLarge
+from .execution import after_failure, attempt_control, run_attempt
 from .jobs import AttemptInfo, JobHandle, JobInfo, StepInfo
 from .limits import FlowPlan
 from .overrides import apply_overrides
@@ -60,6 +61,7 @@ class Reliable:
         self._lock = threading.RLock()
         self._worker: Worker | None = None
         self._inline_worker_id = new_worker_id()
+        self._inline: dict[str, AttemptControl] = {}  # attempts of run_until_idle
         self.capture_hook: Callable[[Any], Any] | None = None
 
     def __repr__(self) -> str:
@@ -125,6 +127,16 @@ class Reliable:
         keys per caller), ``capture`` (a function of the request returning JSON that
         the handler gets back in the worker; default: the hook set by ``capture``).
         Needs ``ReliableFlask`` or ``ReliableMiddleware`` on the application.
+
+        Credentials are never stored: not the ``Authorization``, ``Cookie`` and
+        ``Proxy-Authorization`` headers nor those in ``RELIABLE_REDACT_HEADERS``, not a
+        handler's ``Set-Cookie`` in its stored result, and, for FastAPI, not the values
+        of parameters that carry them (``Header()`` on such a header, ``Cookie()``, a
+        ``fastapi.security`` scheme); in the worker such a parameter gets the capture
+        hook's value under its name, else ``None``. Without ``idempotency_scope``, an
+        ``Idempotency-Key`` is scoped to the caller by a digest of the credentials the
+        request carries; with it, by its value alone, so that a retry whose session
+        cookie or token changed still finds its job.
         """
         from .web.routes import offload
 
@@ -136,7 +148,11 @@ class Reliable:
         """Set the capture hook of routes that do not pass ``capture=``.
 
         ``fn(request)`` runs during the request and returns JSON (say, the caller's
-        user id); the worker hands it back as ``current_job().captured``.
+        user id); the worker hands it back as ``current_job().captured``. It is how a
+        handler learns who called, since credentials are never stored: return who the
+        caller is, not the credential itself, which would be stored like any capture.
+        A FastAPI parameter withheld for carrying credentials gets, in the worker, the
+        value under its name when ``fn`` returns a dict, else ``None``.
         """
         self.capture_hook = fn
         return fn
@@ -182,6 +198,12 @@ class Reliable:
         flow: FlowPlan,
     ) -> JobHandle[Any]:
         payload = dumps({"args": args, "kwargs": kwargs})
+        limit = self.settings.max_payload
+        if len(payload) > limit and len(payload.encode()) > limit:
+            raise PayloadTooLarge(
+                f"the arguments of {task.name} take {len(payload.encode())} bytes as JSON, "
+                f"more than RELIABLE_MAX_PAYLOAD ({limit}); nothing was stored"
+            )
         return self.enqueue_payload(task, payload, idempotency_key=idempotency_key, flow=flow)
 
     def enqueue_payload(
@@ -233,9 +255,15 @@ class Reliable:
                 expires_at=now + self.settings.idempotency_ttl,
             )
         result = self.store.enqueue(job, claim, now)
-        if claim is not None and not result.created and result.fingerprint != fingerprint:
+        if result.replayed and result.fingerprint != fingerprint:
             raise IdempotencyConflict(idempotency_key or "", result.job_id)
-        return JobHandle(self, result.job_id, created=result.created, rates=result.rates)
+        return JobHandle(
+            self,
+            result.job_id,
+            created=result.created,
+            replayed=result.replayed,
+            rates=result.rates,
+        )
 
     def get_job(self, job_id: str) -> JobInfo:
         """A snapshot of the job; raises ``JobNotFound``."""
@@ -277,11 +305,26 @@ class Reliable:
         return JobHandle(self, job_id)
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a job that has not finished: queued, it never runs; running, its result
-        is discarded and it is not retried. Returns false if it had already finished."""
+        """Cancel a job that has not finished; return false if it had already finished.
+
+        Queued or sleeping, it never runs again. Running, the attempt is told to stop: it
+        ends at its next step boundary (``step``, ``sleep``, ``wait_for_event``; the
+        step in progress finishes and is kept), its result is discarded and it is not
+        retried; its concurrency slots come back only when it has really ended. A
+        worker of this process learns of it at once, one elsewhere within
+        ``CANCEL_CHECK_SECONDS`` (or at its next step). Raises ``JobNotFound``.
+        """
         if self.store.get_status(job_id) is None:
             raise JobNotFound(job_id)
-        return self.store.cancel(job_id, self.clock.now())
+        cancelled = self.store.cancel(job_id, self.clock.now())
+        if cancelled:
+            inline = self._inline.get(job_id)
+            if inline is not None:
+                inline.stop(CANCELLED)
+            worker = self._worker
+            if worker is not None:
+                worker.cancelled([job_id])
+        return cancelled
 
     # -- running jobs -------------------------------------------------------------------
 
@@ -301,12 +344,17 @@ class Reliable:
             self._worker = worker
         return worker.start()
 
-    def stop_worker(self, timeout: float | None = None) -> None:
-        """Stop the worker started by ``start_worker``, gracefully (see ``Worker.stop``)."""
+    def stop_worker(self, timeout: float | None = None, *, exiting: bool = False) -> None:
+        """Stop the worker started by ``start_worker``, gracefully (see ``Worker.stop``).
+
+        Attempts still running after ``timeout`` (default ``RELIABLE_SHUTDOWN_GRACE``)
+        keep their jobs until they return, unless ``exiting``: the process ends now,
+        and their jobs are given back at once for another worker.
+        """
         with self._lock:
             worker, self._worker = self._worker, None
         if worker is not None:
-            worker.stop(timeout)
+            worker.stop(timeout, exiting=exiting)
 
     @property
     def worker(self) -> Worker | None:
@@ -333,7 +381,11 @@ class Reliable:
             if not claimed.jobs:
                 return ran
             job = claimed.jobs[0]
-            outcome = run_attempt(self, job)
+            control = self._inline[job.id] = attempt_control(self, job)
+            try:
+                outcome = run_attempt(self, job, control)
+            finally:
+                del self._inline[job.id]
             discarded = self.store.settle(worker_id, [outcome])
             if outcome.status == "failed" and job.id not in discarded:
                 after_failure(self, job.id, job.task)

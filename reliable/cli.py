@@ -84,7 +84,7 @@ def run_worker(args: argparse.Namespace) -> int:
             logging.getLogger("reliable").error("the worker's dispatcher stopped; exiting")
             rel.close()
             return 1
-    rel.stop_worker(timeout=args.grace)
+    rel.stop_worker(timeout=args.grace, exiting=True)
     rel.close()
     return 0
 

@@ -22,6 +22,10 @@ class SerializationError(ReliableError, TypeError):
     """A value cannot be stored as JSON (job arguments, results, step values)."""
 
 
+class PayloadTooLarge(ReliableError, ValueError):
+    """A job's arguments, as JSON, are larger than ``RELIABLE_MAX_PAYLOAD``."""
+
+
 class StoreError(ReliableError):
     """The database failed in a way ``reliable`` could not recover from."""
 

@@ -6,6 +6,8 @@ call ``run_attempt`` and hand its ``Outcome`` back to the store.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -15,13 +17,21 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
-from .context import JobContext, _current
+from .context import (
+    CANCELLED,
+    SHUTDOWN,
+    TIMED_OUT,
+    AttemptControl,
+    JobContext,
+    StopAttempt,
+    _current,
+)
 from .errors import NonRetriable, ReliableError, RetryAfter, SerializationError, UnknownTask
 from .serialization import dumps, loads
 from .steps import StepRunner, Suspend, _runner
 from .store import ClaimedJob, Outcome
 from .store.flow import parse as parse_limits
-from .tasks import Task, run_coroutine
+from .tasks import Task
 
 if TYPE_CHECKING:
     from .app import Reliable
@@ -114,8 +124,52 @@ def timed_out(app: Reliable, job: ClaimedJob, timeout: float) -> Outcome:
     return failure(app, task, job, exc, retry=True)
 
 
-def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
-    """Run one attempt of ``job`` in this thread and return what should happen next."""
+def stopped(app: Reliable, job: ClaimedJob, reason: str, timeout: float | None) -> Outcome:
+    """The outcome of an attempt that ended because it was told to stop (``reason``)."""
+    now = app.clock.now()
+    if reason == TIMED_OUT:
+        return timed_out(app, job, timeout or 0.0)
+    if reason == CANCELLED:
+        return Outcome(
+            job.id, job.attempt, "cancelled", job.started_at, now, task=job.task, limits=job.limits
+        )
+    # A shutdown gives the job back, uncounted; after a lost lease the outcome is
+    # discarded anyway (the job belongs to another attempt), so it says the same.
+    return released(job, now)
+
+
+def released(job: ClaimedJob, now: float, *, status: str = "queued") -> Outcome:
+    """The outcome of an attempt given back before it ran (or stopped at shutdown): the
+    job is due again at once, and the attempt does not count (``status`` ``cancelled``:
+    it was cancelled before it started)."""
+    return Outcome(
+        job.id,
+        job.attempt,
+        status,
+        job.started_at,
+        now,
+        run_at=now,
+        task=job.task,
+        counted=False,
+        limits=job.limits,
+    )
+
+
+def attempt_control(app: Reliable, job: ClaimedJob) -> AttemptControl:
+    """The stop signal of an attempt of ``job`` starting now, with its deadline."""
+    task = app.tasks.get(job.task)
+    timeout = timeout_of(app, task) if task is not None else None
+    deadline = None if timeout is None else job.started_at + timeout
+    return AttemptControl(job.id, app.clock, deadline)
+
+
+def run_attempt(app: Reliable, job: ClaimedJob, control: AttemptControl | None = None) -> Outcome:
+    """Run one attempt of ``job`` in this thread and return what should happen next.
+
+    ``control`` tells the attempt to stop (default: a control with the task's
+    deadline). A function that returns after its attempt was told to stop has its
+    result discarded: the outcome follows from why it was stopped.
+    """
     task = app.tasks.get(job.task)
     exc: ReliableError
     if task is None:
@@ -127,11 +181,11 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
         return failure(app, task, job, exc, retry=False)
 
     timeout = timeout_of(app, task)
+    control = control or attempt_control(app, job)
     keys = dict(parse_limits(job.limits).keys) if job.limits else {}
-    context = JobContext(job.id, task.name, job.attempt, job.queue, keys)
+    context = JobContext(job.id, task.name, job.attempt, job.queue, keys, control=control)
     token = _current.set(context)
-    steps_token = _runner.set(StepRunner(app, job))
-    awaited = False
+    steps_token = _runner.set(StepRunner(app, job, control))
     try:
         payload = loads(job.payload)
         if isinstance(payload, dict) and payload.get("captured") is not None:
@@ -139,11 +193,13 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
             _current.set(context)
         value = task.invoke(payload)
         if inspect.isawaitable(value):
-            awaited = True
-            value = run_coroutine(value, timeout)
-        if timeout is not None and app.clock.now() - job.started_at > timeout:
-            return timed_out(app, job, timeout)
+            value = run_coroutine(value, control)
+        reason = control.why()
+        if reason is not None and reason != SHUTDOWN:  # it returned, but too late
+            return stopped(app, job, reason, timeout)
         result = dumps(value)
+    except StopAttempt as stop:
+        return stopped(app, job, stop.reason, timeout)
     except Suspend as suspended:
         now = app.clock.now()
         return Outcome(
@@ -154,6 +210,7 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
             now,
             run_at=suspended.wake_at,
             task=job.task,
+            counted=False,
             waits=suspended.waits,
             limits=job.limits,
         )
@@ -164,11 +221,10 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
     except SerializationError as exc:
         # Storing the result (or reading the payload) will not work any better next time.
         return failure(app, task, job, exc, retry=False)
-    except TimeoutError as exc:
-        if awaited and timeout is not None:  # asyncio.wait_for cancelled the attempt
-            return timed_out(app, job, timeout)
-        return failure(app, task, job, exc, retry=isinstance(exc, task.options.retry_on))
     except Exception as exc:
+        reason = control.why()
+        if reason is not None and reason != SHUTDOWN:
+            return stopped(app, job, reason, timeout)
         return failure(app, task, job, exc, retry=isinstance(exc, task.options.retry_on))
     finally:
         _runner.reset(steps_token)
@@ -185,12 +241,44 @@ def run_attempt(app: Reliable, job: ClaimedJob) -> Outcome:
     )
 
 
+def run_coroutine(coro: Any, control: AttemptControl) -> Any:
+    """Run an ``async def`` task's coroutine to completion in this thread.
+
+    The coroutine is cancelled (it sees ``CancelledError``) when its deadline passes or
+    its attempt is told to stop; then ``StopAttempt`` is raised with the reason.
+    """
+
+    async def bounded() -> Any:
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+
+        def cancel() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to stop
+                loop.call_soon_threadsafe(task.cancel)
+
+        control.on_stop(cancel)
+        if control.deadline is not None:
+            remaining = max(0.0, control.deadline - control.clock.now())
+            loop.call_later(remaining, control.stop, TIMED_OUT)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            reason = control.why()
+            if reason is None:
+                raise
+            raise StopAttempt(reason, control.job_id) from None
+
+    return asyncio.run(bounded())
+
+
 def after_failure(app: Reliable, job_id: str, task_name: str) -> None:
     """Run the task's ``on_failure`` hook once the job's failure is committed."""
     task = app.tasks.get(task_name)
     if task is None or task.options.on_failure is None:
         return
     try:
-        task.options.on_failure(app.get_job(job_id))
+        info = app.get_job(job_id)
+        if info.status == "failed":  # not one cancelled while its last attempt ran
+            task.options.on_failure(info)
     except Exception:
         log.exception("on_failure of task %s raised for job %s", task_name, job_id)

@@ -124,9 +124,9 @@ class JobInfo:
 class JobHandle(Generic[R]):
     """A reference to a committed job: its ``id``, its ``status()``, its ``result()``.
 
-    ``created`` is false when an idempotency key matched an existing job, or a
-    debounced call joined the pending one. ``rates`` is the state of the task's rate
-    limits after admitting the job.
+    ``created`` is false when an idempotency key matched an existing job (then
+    ``replayed`` is true), or a debounced call joined the pending one. ``rates`` is the
+    state of the task's rate limits after admitting the job.
     """
 
     def __init__(
@@ -135,11 +135,13 @@ class JobHandle(Generic[R]):
         job_id: str,
         *,
         created: bool = True,
+        replayed: bool = False,
         rates: tuple[RateState, ...] = (),
     ) -> None:
         self.app = app
         self.id = job_id
         self.created = created
+        self.replayed = replayed
         self.rates = rates
 
     def __repr__(self) -> str:

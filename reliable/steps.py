@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from .context import CANCELLED, LEASE_LOST, AttemptControl, StopAttempt
 from .durations import Duration, parse_duration
 from .errors import ReliableError
 from .serialization import dumps, loads
@@ -31,10 +32,6 @@ T = TypeVar("T")
 
 # Far enough in the future to mean "until an event comes".
 FOREVER = 253402300799.0  # 9999-12-31
-
-
-class LeaseLost(ReliableError):
-    """This attempt no longer holds the job's lease; another attempt took over."""
 
 
 class StepNameReused(ReliableError, ValueError):
@@ -60,6 +57,7 @@ class StepRunner:
 
     app: Reliable
     job: ClaimedJob
+    control: AttemptControl
     done: dict[str, StepRow] | None = None
     used: set[str] = field(default_factory=set)
 
@@ -69,6 +67,8 @@ class StepRunner:
         return self.done
 
     def claim_name(self, name: str) -> int:
+        """A step boundary: stop here if the attempt must; else reserve ``name``."""
+        self.control.check()
         if not isinstance(name, str) or not name or len(name) > 200:
             raise ValueError(f"a step name is 1 to 200 characters, got {name!r}")
         if name in self.used:
@@ -77,9 +77,20 @@ class StepRunner:
         return len(self.used) - 1
 
     def save(self, row: StepRow, wait: WaitRow | None = None) -> None:
-        if not self.app.store.record_step(self.job.attempt, self.job.lease_owner, row, wait):
-            raise LeaseLost(f"job {self.job.id}: attempt {self.job.attempt} lost its lease")
-        self.stored()[row.name] = row
+        """Record ``row`` while the attempt holds its lease; a cancel that came
+        meanwhile keeps the step (not a wait) and stops the attempt here."""
+        job = self.job
+        state = self.app.store.record_step(job.attempt, job.lease_owner, row, wait)
+        if state is None:
+            self.stop(LEASE_LOST)
+        if wait is None or state == "running":
+            self.stored()[row.name] = row
+        if state == "cancelled":
+            self.stop(CANCELLED)
+
+    def stop(self, reason: str) -> NoReturn:
+        self.control.stop(reason)
+        raise StopAttempt(self.control.reason or reason, self.job.id)
 
 
 _runner: ContextVar[StepRunner | None] = ContextVar("reliable_steps", default=None)
@@ -152,6 +163,7 @@ def step(name: str, fn: Callable[..., T], *args: Any, retries: int = 0, **kwargs
             _record(runner, name, position, started, tries, error=_error(exc))
             raise
         _record(runner, name, position, started, tries, result=dumps(value))
+        runner.control.check()  # the step is kept; nothing after it runs
         return value
     raise AssertionError("unreachable")
 
@@ -184,6 +196,7 @@ async def _step_async(
             raise
         result = dumps(value)
         await asyncio.to_thread(_record, runner, name, position, started, tries, result=result)
+        runner.control.check()
         return value
     raise AssertionError("unreachable")
 
@@ -236,8 +249,9 @@ def _sleep(runner: StepRunner, name: str, wake_at: Callable[[], float]) -> None:
 
 def _end_wait(runner: StepRunner, name: str, result: str | None, now: float) -> None:
     job = runner.job
-    if not runner.app.store.end_wait(job.id, job.attempt, job.lease_owner, name, result, now):
-        raise LeaseLost(f"job {job.id}: attempt {job.attempt} lost its lease")
+    state = runner.app.store.end_wait(job.id, job.attempt, job.lease_owner, name, result, now)
+    if state is None:
+        runner.stop(LEASE_LOST)
     stored = runner.stored().get(name)
     if stored is not None:
         runner.stored()[name] = StepRow(
@@ -251,6 +265,8 @@ def _end_wait(runner: StepRunner, name: str, result: str | None, now: float) -> 
             stored.started_at,
             now,
         )
+    if state == "cancelled":
+        runner.stop(CANCELLED)
 
 
 def wait_for_event(

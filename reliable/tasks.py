@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import tenacity
 from .durations import Duration, parse_duration
 from .errors import ConfigError
 from .limits import FlowOptions, plan, resolve_call_key
+from .serialization import register_annotations
 
 if TYPE_CHECKING:
     from .app import Reliable
@@ -114,10 +114,13 @@ class Task(Generic[P, R]):
     """A function whose calls can be enqueued as durable jobs.
 
     Calling the task runs the function inline, as if undecorated. ``enqueue`` commits a
-    job and returns its ``JobHandle``.
+    job and returns its ``JobHandle``. The dataclasses and pydantic models named in the
+    function's type hints are registered, so that any process declaring the task can
+    decode them.
     """
 
     def __init__(self, app: Reliable, fn: Callable[P, R], options: TaskOptions) -> None:
+        register_annotations(fn)
         self.app = app
         self.fn = fn
         self.options = options
@@ -158,12 +161,3 @@ class Task(Generic[P, R]):
     def invoke(self, payload: dict[str, Any]) -> Any:
         """Run the function with a stored payload; a coroutine for ``async def`` tasks."""
         return self.fn(*payload.get("args", ()), **payload.get("kwargs", {}))
-
-
-def run_coroutine(coro: Any, timeout: float | None) -> Any:
-    """Run an ``async def`` task's coroutine to completion in this thread."""
-
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())

@@ -2,12 +2,20 @@
 
 The dispatcher does all the database work of the worker in as few transactions as it
 can: each round settles the attempts that finished since the last one and claims as
-many due jobs as there are idle threads, in one transaction. It also renews the leases
-of running attempts, requeues attempts whose worker died, and enforces timeouts.
+many due jobs as there are idle threads, in one transaction. It also requeues attempts
+whose worker died and tells attempts past their timeout to stop. Leases are renewed by
+a ``LeaseKeeper`` on a timer of its own.
+
+A thread cannot be killed. An attempt that overruns its timeout, is cancelled, or is
+still running when the worker stops is told to stop (at its next step boundary), and
+keeps its job's lease and its concurrency slots until its function has returned: a cap
+is never exceeded, and one job never runs twice at once. Its thread is replaced so
+the others keep working, and it is reported in the log until it returns.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
@@ -17,14 +25,24 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
+from .context import CANCELLED, LEASE_LOST, SHUTDOWN, TIMED_OUT, AttemptControl
 from .errors import StoreError
-from .execution import after_failure, failure, run_attempt, timed_out, timeout_of
-from .store import ClaimedJob, Outcome
+from .execution import (
+    after_failure,
+    attempt_control,
+    failure,
+    released,
+    run_attempt,
+    timeout_of,
+)
+from .leases import LeaseKeeper
+from .store import AttemptStates, ClaimedJob, Outcome
 from .store.sqlite import CHANGE_CHECK_SECONDS, ChangeWatch
 
 if TYPE_CHECKING:
@@ -62,10 +80,13 @@ class _Running:
     timeout: float | None
     started: float | None = None  # time.monotonic() when a thread began the attempt
     slot: _Slot | None = None
+    control: AttemptControl | None = None
+    overdue: bool = False  # told to stop at its timeout; its thread was replaced
+    reported: float = 0.0  # time.monotonic() it was last reported still running
 
     @property
     def deadline(self) -> float | None:
-        if self.timeout is None or self.started is None:
+        if self.timeout is None or self.started is None or self.overdue:
             return None
         return self.started + self.timeout
 
@@ -74,12 +95,20 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+def _release_at_exit(ref: weakref.ref[Worker]) -> None:
+    worker = ref()
+    if worker is not None:
+        worker.release_leftovers()
+
+
 class Worker:
     """Runs jobs of ``queues`` on ``threads`` threads in this process.
 
     Start it with ``start()``; ``stop(timeout)`` stops claiming, lets running attempts
-    finish for up to ``timeout`` seconds (default ``RELIABLE_SHUTDOWN_GRACE``), then
-    releases the rest so another worker takes them at once.
+    finish for up to ``timeout`` seconds (default ``RELIABLE_SHUTDOWN_GRACE``), gives
+    back at once the jobs it claimed ahead, and tells the attempts still running to
+    stop. Those keep their jobs until they return (or until the process exits, which
+    gives them back at once).
     """
 
     def __init__(self, app: Reliable, *, threads: int, queues: Sequence[str] | None = None) -> None:
@@ -96,7 +125,7 @@ class Worker:
         self._finished: list[Outcome] = []
         self._finished_since = 0.0  # time.monotonic() of the oldest unsettled outcome
         self._running: dict[str, _Running] = {}
-        self._abandoned: set[tuple[str, int]] = set()
+        self._overdue = 0  # attempts past their timeout whose threads were replaced
         # Slot hand-overs (see RIDERS_PER_SLOT): valid slots held per group, riders
         # waiting per group, slots of finished attempts not yet settled and not handed
         # on, and slots handed on whose transfer has not been settled yet.
@@ -111,11 +140,15 @@ class Worker:
         self._next_due: float | None = None  # monotonic time of a retry this worker scheduled
         self._average_runtime = 1.0  # seconds per attempt, a moving average
         self._stopping = False
+        self._draining = False  # past the grace period: attempts still running told to stop
         self._grace_deadline = 0.0
+        self._released = threading.Event()  # stop() may return: done, or draining
         self._dispatcher: threading.Thread | None = None
         self._executors: list[threading.Thread] = []
         self._listener: object | None = None
         self._watch: ChangeWatch | None = None
+        self._keeper: LeaseKeeper | None = None
+        self._exit_hook = partial(_release_at_exit, weakref.ref(self))
 
     @property
     def queues(self) -> tuple[str, ...]:
@@ -125,6 +158,7 @@ class Worker:
 
     @property
     def running(self) -> bool:
+        """Whether the worker still runs: claiming, or finishing attempts after ``stop``."""
         return self._dispatcher is not None and self._dispatcher.is_alive()
 
     def start(self) -> Worker:
@@ -137,37 +171,69 @@ class Worker:
             self._listener = Listener(self.store.url, self.wake)
         else:
             self._watch = ChangeWatch(str(self.store.url.database))
+        self._keeper = LeaseKeeper(
+            self.store,
+            self.app.clock,
+            self.id,
+            self.app.settings.lease_seconds,
+            self._held,
+            self._learn,
+            {
+                "hostname": socket.gethostname(),
+                "pid": os.getpid(),
+                "queues": self.queues,
+                "threads": self.threads,
+                "started_at": self.started_at,
+            },
+        )
+        self._keeper.start()
         for _ in range(self.threads):
             self._start_executor()
         self._dispatcher = threading.Thread(
             target=self._dispatch, name=f"reliable-dispatch-{self.id}", daemon=True
         )
         self._dispatcher.start()
+        atexit.register(self._exit_hook)
         log.info("worker %s started: %d threads, queues %s", self.id, self.threads, self.queues)
         return self
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop gracefully: finish what runs within ``timeout`` seconds, release the rest."""
+    def stop(self, timeout: float | None = None, *, exiting: bool = False) -> None:
+        """Stop gracefully: finish what runs within ``timeout`` seconds, give back the
+        jobs claimed ahead at once, and tell what still runs then to stop.
+
+        Returns once nothing runs, or once the grace period is over; attempts still
+        running then keep their jobs' leases until they return, and their jobs are given
+        back, uncounted, when they stop at a step boundary (or at interpreter exit).
+        ``exiting``: the process ends right after, and the threads still running with
+        it: their jobs are given back now.
+        """
         grace = self.app.settings.shutdown_grace if timeout is None else timeout
         with self._cond:
             if not self._stopping:
                 self._stopping = True
                 self._grace_deadline = time.monotonic() + grace
             self._cond.notify_all()
-        if self._dispatcher is not None:
+        if self._dispatcher is None:
+            return
+        self._released.wait()
+        with self._cond:
+            leftovers = [r.job.id for r in self._running.values()]
+        if not leftovers:
             self._dispatcher.join()
-        for _ in self._executors:
-            self._work.put(None)
-        # Daemon threads: one stuck in a task's code is not waited for beyond this.
-        deadline = time.monotonic() + 0.5
-        for thread in self._executors:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        self.store.remove_waker(self.wake)
-        if self._listener is not None:
-            self._listener.close()  # type: ignore[attr-defined]
-        if self._watch is not None:
-            self._watch.close()
-        log.info("worker %s stopped", self.id)
+            deadline = time.monotonic() + 0.5
+            for thread in self._executors:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            return
+        if exiting:
+            self.release_leftovers()
+            return
+        log.warning(
+            "worker %s stopped claiming; %d attempts outlived the grace period and keep "
+            "their jobs until they return: %s",
+            self.id,
+            len(leftovers),
+            ", ".join(leftovers),
+        )
 
     def wake(self) -> None:
         """Tell the dispatcher that new jobs may be due."""
@@ -175,6 +241,89 @@ class Worker:
             self._wanted = True
             self._wakes += 1
             self._cond.notify_all()
+
+    def cancelled(self, job_ids: Iterable[str]) -> None:
+        """Jobs were cancelled: those waiting here never start, running ones are told to
+        stop. Called at once by ``Reliable.cancel`` in this process."""
+        with self._cond:
+            for job_id in job_ids:
+                running = self._running.get(job_id)
+                if running is not None:
+                    self._cancel(running)
+            self._cond.notify_all()
+
+    def overdue(self) -> list[tuple[str, int, float]]:
+        """Attempts running past their timeout: (job id, attempt, seconds over)."""
+        now = time.monotonic()
+        with self._cond:
+            return [
+                (r.job.id, r.job.attempt, now - r.started - (r.timeout or 0.0))
+                for r in self._running.values()
+                if r.overdue and r.started is not None
+            ]
+
+    def release_leftovers(self) -> None:
+        """At interpreter exit: give back at once the jobs this worker still holds
+        (the threads running them end with the process), so another worker takes them
+        now instead of when their leases expire."""
+        with self._cond:
+            leftovers = [(r.job.id, r.job.attempt) for r in self._running.values()]
+        if not leftovers:
+            return
+        try:
+            count = self.store.release(self.id, leftovers, self.app.clock.now())
+            self.store.remove_worker(self.id)
+        except StoreError as exc:
+            log.warning("worker %s: could not give back its jobs at exit (%s)", self.id, exc)
+            return
+        log.info("worker %s gave back %d jobs still running at exit", self.id, count)
+
+    # -- what the lease keeper learns -----------------------------------------------------
+
+    def _held(self) -> list[tuple[str, int]]:
+        with self._cond:
+            return [(job_id, r.job.attempt) for job_id, r in self._running.items()]
+
+    def _learn(self, states: AttemptStates) -> None:
+        with self._cond:
+            for job_id, attempt in states.cancelled:
+                running = self._running.get(job_id)
+                if running is not None and running.job.attempt == attempt:
+                    self._cancel(running)
+            for job_id, attempt in states.lost:
+                running = self._running.get(job_id)
+                if running is None or running.job.attempt != attempt:
+                    continue
+                if running.started is None:
+                    del self._running[job_id]  # recovered elsewhere: its slots went with it
+                    if running.slot is not None:
+                        self._drop(running.slot)
+                elif running.control is not None and running.control.stop(LEASE_LOST):
+                    log.warning(
+                        "job %s: attempt %d lost its lease; it stops at its next step",
+                        job_id,
+                        attempt,
+                    )
+            self._cond.notify_all()
+
+    def _cancel(self, running: _Running) -> None:
+        """(With the lock held.) A job cancelled: drop it if it has not started."""
+        job = running.job
+        if running.started is None:
+            del self._running[job.id]
+            outcome = released(job, self.app.clock.now(), status="cancelled")
+            self._add_finished(self._hand_on(running, outcome))
+        elif running.control is not None and running.control.stop(CANCELLED):
+            log.info(
+                "job %s: cancelled while attempt %d runs; it stops at its next step",
+                job.id,
+                job.attempt,
+            )
+
+    def _add_finished(self, outcome: Outcome) -> None:
+        if not self._finished:
+            self._finished_since = time.monotonic()
+        self._finished.append(outcome)
 
     # -- executor threads ---------------------------------------------------------------
 
@@ -196,26 +345,30 @@ class Worker:
             with self._cond:
                 running = self._running.get(item.id)
                 if running is None or running.job.attempt != item.attempt:
-                    continue  # released before it started
+                    continue  # given back, or cancelled, before it started
                 running.started = began = time.monotonic()
-            item = replace(item, started_at=self.app.clock.now())
+                job = replace(item, started_at=self.app.clock.now())
+                control = running.control = attempt_control(self.app, job)
             try:
-                outcome = run_attempt(self.app, item)
+                outcome = run_attempt(self.app, job, control)
             except BaseException as exc:
-                outcome = failure(self.app, self.app.tasks.get(item.task), item, exc, retry=True)
+                outcome = failure(self.app, self.app.tasks.get(job.task), job, exc, retry=True)
             with self._cond:
-                key = (item.id, item.attempt)
-                if key in self._abandoned:
-                    # Timed out or released meanwhile: the result is discarded, and a
-                    # replacement thread already runs, so this one retires.
-                    self._abandoned.discard(key)
-                    return
-                running = self._running.pop(item.id, None)
-                if not self._finished:
-                    self._finished_since = time.monotonic()
-                self._finished.append(self._hand_on(running, outcome))
-                self._average_runtime += 0.1 * (time.monotonic() - began - self._average_runtime)
+                running = self._running.pop(job.id, None)
+                self._add_finished(self._hand_on(running, outcome))
                 self._cond.notify_all()
+                if running is not None and running.overdue:
+                    # A replacement thread took this one's place when it overran.
+                    self._overdue -= 1
+                    log.warning(
+                        "job %s: attempt %d returned %.1fs after its timeout; its slots and "
+                        "lease are given back now",
+                        job.id,
+                        job.attempt,
+                        time.monotonic() - began - (running.timeout or 0.0),
+                    )
+                    return
+                self._average_runtime += 0.1 * (time.monotonic() - began - self._average_runtime)
 
     # -- the dispatcher -------------------------------------------------------------------
 
@@ -223,7 +376,6 @@ class Worker:
         settings = self.app.settings
         lease = settings.lease_seconds
         now = time.monotonic()
-        next_heartbeat = now
         next_recovery = now + random.uniform(0, lease / 2)
         next_poll = now + settings.poll_interval
         failures = 0
@@ -231,7 +383,9 @@ class Worker:
             with self._cond:
                 while True:
                     now = time.monotonic()
-                    if self._stopping and (not self._running or now >= self._grace_deadline):
+                    if self._stopping and not self._running:
+                        break
+                    if self._stopping and not self._draining and now >= self._grace_deadline:
                         break
                     hungry = self._hungry()
                     if self._finished and (hungry or self._settle_now(now)):
@@ -241,13 +395,13 @@ class Worker:
                         break
                     if idle and self._next_due is not None and now >= self._next_due:
                         break
-                    wait_until = min(next_heartbeat, next_recovery, next_poll)
+                    wait_until = min(next_recovery, next_poll, self._next_report(now))
                     if self._next_due is not None:
                         wait_until = min(wait_until, self._next_due)
                     for running in self._running.values():
                         if running.deadline is not None:
                             wait_until = min(wait_until, running.deadline)
-                    if self._stopping:
+                    if self._stopping and not self._draining:
                         wait_until = min(wait_until, self._grace_deadline)
                     if self._finished:
                         wait_until = min(wait_until, self._finished_since + SETTLE_DELAY_SECONDS)
@@ -260,12 +414,16 @@ class Worker:
                     else:
                         self._cond.wait(wait_until - now)
                 now = time.monotonic()
-                if self._stopping and (not self._running or now >= self._grace_deadline):
-                    self._shutdown()
-                    return
+                done = self._stopping and not self._running
+            if done:
+                self._shutdown()
+                return
+            with self._cond:
+                if self._stopping and not self._draining and now >= self._grace_deadline:
+                    self._drain()
                 finished, self._finished = self._finished, []
                 kept = self._vacate(keep=self._average_runtime < SHORT_JOB_SECONDS)
-                finished.extend(self._expire_deadlines(now))
+                self._expire_deadlines(now)
                 unstarted, self._stranded = self._stranded, []
                 if self._stopping:
                     # Claimed ahead but not begun: give them back now, not after the grace.
@@ -293,17 +451,10 @@ class Worker:
                     self.store.release(self.id, unstarted, self.app.clock.now())
                 if finished or wanted > 0:
                     self._claim(finished, wanted, kept)
+                finished = []
                 now = time.monotonic()
-                if now >= next_heartbeat:
-                    self._heartbeat()
-                    next_heartbeat = now + lease / 3
                 if now >= next_recovery:
-                    if self.store.recover_expired(self.app.clock.now()):
-                        self.wake()
-                    if self.app.limited_at_claim() and self.store.sweep_parked():
-                        self.wake()
-                    if self.app.rate_limited():
-                        self.store.prune_rate_events(self.app.clock.now())
+                    self._recover()
                     next_recovery = now + lease / 2 * random.uniform(0.75, 1.25)
                 failures = 0
             except Exception as exc:  # the dispatcher must outlive any one failure
@@ -318,6 +469,18 @@ class Worker:
                     self._finished_since = 0.0
                     self._wanted = True
                     self._cond.wait(pause)
+
+    def _recover(self) -> None:
+        """Requeue the jobs of dead workers, and repair what races may have left."""
+        now = self.app.clock.now()
+        woken = bool(self.store.recover_expired(now))
+        woken |= bool(self.store.wake_orphaned_sleepers(now))
+        if self.app.limited_at_claim():
+            woken |= bool(self.store.sweep_parked())
+        if self.app.rate_limited():
+            self.store.prune_rate_events(now)
+        if woken:
+            self.wake()
 
     def _claim(self, finished: list[Outcome], wanted: int, kept: dict[str, int]) -> None:
         with self._cond:
@@ -477,59 +640,86 @@ class Worker:
 
     def _capacity(self) -> int:
         """How many attempts to hold at once: the threads, plus a queue of short jobs."""
+        # A thread stuck past its timeout was replaced: its attempt does not count.
         if self._average_runtime < SHORT_JOB_SECONDS:
-            return self.threads * PREFETCH_PER_THREAD
-        return self.threads
+            return self.threads * PREFETCH_PER_THREAD + self._overdue
+        return self.threads + self._overdue
 
-    def _expire_deadlines(self, now: float) -> list[Outcome]:
-        """Abandon attempts past their timeout (called with the lock held)."""
-        expired: list[Outcome] = []
-        for job_id, running in list(self._running.items()):
+    def _expire_deadlines(self, now: float) -> None:
+        """Tell attempts past their timeout to stop (called with the lock held).
+
+        The attempt keeps its lease and its slots until its function returns; a new
+        thread takes the place of its own, so the others keep working."""
+        for running in self._running.values():
             deadline = running.deadline
-            if deadline is not None and now >= deadline:
-                job = running.job
-                del self._running[job_id]
-                self._abandoned.add((job.id, job.attempt))
-                task = self.app.tasks.get(job.task)
-                timeout = (timeout_of(self.app, task) if task is not None else None) or 0.0
-                expired.append(
-                    self._hand_on(running, timed_out(self.app, job, timeout), vacate=False)
-                )
-                log.warning("job %s: attempt %d timed out after %gs", job.id, job.attempt, timeout)
-                # The stuck thread retires when its call returns; keep the pool full.
-                self._start_executor()
-        return expired
+            if deadline is None or now < deadline or running.control is None:
+                continue
+            running.overdue = True
+            running.reported = now
+            running.control.stop(TIMED_OUT)
+            self._overdue += 1
+            job = running.job
+            log.warning(
+                "job %s: attempt %d exceeded its timeout of %gs; it keeps its lease and "
+                "concurrency slots until its function returns (it stops at its next step)",
+                job.id,
+                job.attempt,
+                running.timeout or 0.0,
+            )
+            self._start_executor()
 
-    def _heartbeat(self) -> None:
-        with self._cond:
-            held = list(self._running)
-        self.store.heartbeat(
-            self.id,
-            held,
-            self.app.clock.now(),
-            self.app.settings.lease_seconds,
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            queues=self.queues,
-            threads=self.threads,
-            started_at=self.started_at,
-        )
+    def _next_report(self, now: float) -> float:
+        """When to report again the attempts running past their timeout (lock held);
+        reports those due now."""
+        interval = self.app.settings.lease_seconds
+        soonest = now + interval
+        for running in self._running.values():
+            if not running.overdue or running.started is None:
+                continue
+            if now >= running.reported + interval:
+                running.reported = now
+                log.warning(
+                    "job %s: attempt %d is still running, %.0fs past its timeout of %gs",
+                    running.job.id,
+                    running.job.attempt,
+                    now - running.started - (running.timeout or 0.0),
+                    running.timeout or 0.0,
+                )
+            soonest = min(soonest, running.reported + interval)
+        return soonest
+
+    def _drain(self) -> None:
+        """The grace period is over (lock held): attempts still running are told to stop;
+        they keep their jobs until they return, and ``stop()`` returns now."""
+        self._draining = True
+        for running in self._running.values():
+            if running.control is not None:
+                running.control.stop(SHUTDOWN)
+        self._released.set()
 
     def _shutdown(self) -> None:
-        """Release what still runs after the grace period; settle what finished."""
-        finished, self._finished = self._finished, []
-        leftovers = [(r.job.id, r.job.attempt) for r in self._running.values()]
-        # Threads that pick up a job after this see it gone and skip it.
-        self._abandoned.update(leftovers)
-        self._running.clear()
+        """Nothing runs any more: settle what finished, leave."""
+        with self._cond:
+            finished, self._finished = self._finished, []
         try:
             if finished:
                 self.store.settle(self.id, finished)
-            if leftovers:
-                released = self.store.release(self.id, leftovers, self.app.clock.now())
-                log.info("worker %s released %d unfinished jobs", self.id, released)
             self.store.remove_worker(self.id)
         except StoreError as exc:
             log.warning(
                 "worker %s: could not settle at shutdown (%s); leases will expire", self.id, exc
             )
+        for _ in self._executors:
+            self._work.put(None)
+        if self._keeper is not None:
+            self._keeper.close()
+        self.store.remove_waker(self.wake)
+        if self._listener is not None:
+            self._listener.close()  # type: ignore[attr-defined]
+        if self._watch is not None:
+            self._watch.close()
+        if self.store.closed:  # closed while this worker finished its last attempts
+            self.store.engine.dispose()
+        atexit.unregister(self._exit_hook)
+        self._released.set()
+        log.info("worker %s stopped", self.id)

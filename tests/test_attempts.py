@@ -14,6 +14,7 @@ from reliable import (
     JobInfo,
     ManualClock,
     NonRetriable,
+    PayloadTooLarge,
     Reliable,
     RetryAfter,
     current_job,
@@ -301,3 +302,22 @@ def test_priority_then_fifo(rel: Reliable, clock: ManualClock) -> None:
     high.enqueue("h1")
     rel.run_until_idle()
     assert order == ["h1", "l1", "l2"]
+
+
+def test_arguments_over_the_payload_limit_are_refused_and_nothing_is_stored(db_url: str) -> None:
+    app = Reliable(db_url, embedded_worker=False, max_payload=1000)
+
+    @app.task
+    def store_blob(blob: str) -> int:
+        return len(blob)
+
+    try:
+        with pytest.raises(PayloadTooLarge, match="RELIABLE_MAX_PAYLOAD") as refused:
+            store_blob.enqueue("x" * 2000)
+        assert "store_blob" in str(refused.value)
+        assert app.store.count_by_status() == {}
+        handle = store_blob.enqueue("x" * 100)
+        app.run_until_idle()
+        assert handle.result(timeout=1) == 100
+    finally:
+        app.close()

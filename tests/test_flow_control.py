@@ -114,7 +114,7 @@ def test_several_caps_on_one_task_all_hold(rel: Reliable) -> None:
     assert current_keys(rel, next_one, "concurrency1") not in busy
 
 
-def test_cancel_of_a_running_job_frees_its_slot_at_once(rel: Reliable) -> None:
+def test_a_cancelled_running_job_keeps_its_slot_until_its_attempt_ends(rel: Reliable) -> None:
     @rel.task(concurrency=1)
     def work(i: int) -> None: ...
 
@@ -122,8 +122,12 @@ def test_cancel_of_a_running_job_frees_its_slot_at_once(rel: Reliable) -> None:
     [running] = claim(rel, "a")
     assert running.id == first.id
     rel.cancel(first.id)
+    assert first.status() == "cancelled"
+    assert claim(rel, "b") == []  # its attempt may still run: the cap holds
+    finish(rel, "a", [running])
     [next_one] = claim(rel, "b")
     assert next_one.id == second.id
+    assert first.status() == "cancelled"
 
 
 def test_expired_lease_gives_the_slot_back(rel: Reliable, clock: ManualClock) -> None:

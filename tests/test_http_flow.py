@@ -166,6 +166,31 @@ def test_debounced_requests_share_one_job_that_runs_with_the_latest_body(
     assert rel.get_job(document(first)["id"]).result["body"] == {"version": 2}
 
 
+def test_each_idempotency_key_of_debounced_requests_names_the_job_that_carries_them(
+    post: tuple[Post, Counter[str]], rel: Reliable, clock: ManualClock
+) -> None:
+    send, calls = post
+    first = send("/reindex", json={"doc": "a", "version": 1}, headers={"Idempotency-Key": "k1"})
+    clock.advance(1)
+    second = send("/reindex", json={"doc": "a", "version": 2}, headers={"Idempotency-Key": "k2"})
+    # The second request's payload joined the pending job: accepted, not a conflict,
+    # and not a replay of anything.
+    assert first.status_code == second.status_code == 202
+    assert "Idempotent-Replayed" not in second.headers
+    job_id = document(first)["id"]
+    assert document(second)["id"] == job_id
+    # A retry of the second request finds the job its key names, which exists.
+    retried = send("/reindex", json={"doc": "a", "version": 2}, headers={"Idempotency-Key": "k2"})
+    assert retried.status_code == 202
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert retried.headers["Location"] == first.headers["Location"]
+    assert rel.get_job(job_id).status == "queued"
+    assert rel.store.count_by_status() == {"queued": 1}
+    clock.advance(5)
+    assert rel.run_until_idle() == 1
+    assert calls == {"version 2": 1}
+
+
 def test_steps_in_an_offloaded_route_run_once_across_retries(
     post: tuple[Post, Counter[str]], rel: Reliable, clock: ManualClock
 ) -> None:

@@ -46,10 +46,10 @@ def test_heartbeat_keeps_the_lease(rel: Reliable, clock: ManualClock) -> None:
     rel.store.claim("worker-a", ["default"], 1, clock.now(), lease)
     for _ in range(5):
         clock.advance(lease / 2)
-        renewed = rel.store.heartbeat(
+        states = rel.store.heartbeat(
             "worker-a",
-            [handle.id],
-            clock.now(),
+            [(handle.id, 1)],
+            clock.now,
             lease,
             hostname="h",
             pid=1,
@@ -57,7 +57,7 @@ def test_heartbeat_keeps_the_lease(rel: Reliable, clock: ManualClock) -> None:
             threads=1,
             started_at=0,
         )
-        assert renewed == 1
+        assert (states.lost, states.cancelled) == (frozenset(), frozenset())
         assert rel.store.recover_expired(clock.now()) == []
     assert handle.status() == "running"
 
@@ -91,10 +91,35 @@ def test_cancel_while_running_discards_the_result_and_does_not_retry(
     handle = work.enqueue()
     claimed = rel.store.claim("worker-a", ["default"], 1, clock.now(), 30).jobs[0]
     assert rel.cancel(handle.id) is True
-    assert rel.store.settle("worker-a", [run_attempt(rel, claimed)]) == [handle.id]
+    assert handle.status() == "cancelled"
+    # The attempt ran to its end; what it returned does not land.
+    rel.store.settle("worker-a", [run_attempt(rel, claimed)])
     assert rel.run_until_idle() == 0
     info = rel.get_job(handle.id)
     assert (info.status, info.result) == ("cancelled", None)
+    row = rel.store.get_job(handle.id)
+    assert row is not None and (row.lease_owner, row.slots_held) == (None, 0)
+
+
+def test_a_cancelled_attempt_keeps_its_lease_until_it_ends_and_is_never_retried(
+    rel: Reliable, clock: ManualClock
+) -> None:
+    @rel.task(retries=3)
+    def work() -> str:
+        return "done"
+
+    handle = work.enqueue()
+    claimed = rel.store.claim("worker-a", ["default"], 1, clock.now(), 30).jobs[0]
+    assert rel.cancel(handle.id) is True
+    states = rel.store.check_attempts("worker-a", [(claimed.id, claimed.attempt)])
+    assert states.cancelled == {(claimed.id, claimed.attempt)} and not states.lost
+    # Its worker died while the attempt wound down: the lease expires, the job stays
+    # cancelled, and it is not run again.
+    clock.advance(31)
+    assert rel.store.recover_expired(clock.now()) == []
+    assert rel.run_until_idle() == 0
+    row = rel.store.get_job(handle.id)
+    assert row is not None and (row.status, row.lease_owner) == ("cancelled", None)
 
 
 def test_release_gives_the_job_back_without_counting_the_attempt(

@@ -25,6 +25,7 @@ from reliable import (
     wait_for_event,
 )
 from reliable.errors import ReliableError
+from reliable.execution import run_attempt
 from reliable.steps import StepNameReused
 
 
@@ -268,3 +269,49 @@ def test_steps_hold_under_a_per_key_cap(rel: Reliable, clock: ManualClock) -> No
     clock.advance(10)
     rel.run_until_idle()
     assert handle.result(timeout=1) == "closed acct-1"
+
+
+def test_an_attempt_that_lost_its_job_stops_before_its_next_step(
+    rel: Reliable, clock: ManualClock
+) -> None:
+    ran: list[str] = []
+
+    @rel.task
+    def two_steps() -> None:
+        step("one", ran.append, "one")
+        step("two", ran.append, "two")
+
+    handle = two_steps.enqueue()
+    lease = rel.settings.lease_seconds
+    stale = rel.store.claim("worker-a", ["default"], 1, clock.now(), lease).jobs[0]
+    clock.advance(lease + 1)  # worker-a froze; its job went back to the queue
+    assert rel.store.recover_expired(clock.now()) == [handle.id]
+    outcome = run_attempt(rel, stale)  # worker-a wakes up and goes on
+    assert ran == ["one"]  # its first step ran, could not be recorded, and it stopped
+    assert rel.get_steps(handle.id) == []
+    assert rel.store.settle("worker-a", [outcome]) == [handle.id]  # discarded
+    assert rel.run_until_idle() == 1
+    assert ran == ["one", "one", "two"]
+    assert [s.name for s in rel.get_steps(handle.id)] == ["one", "two"]
+
+
+def test_a_cancelled_attempt_keeps_its_current_step_and_runs_no_other(
+    rel: Reliable, clock: ManualClock
+) -> None:
+    ran: list[str] = []
+
+    @rel.task(retries=3)
+    def two_steps() -> None:
+        step("one", ran.append, "one")
+        step("two", ran.append, "two")
+
+    handle = two_steps.enqueue()
+    claimed = rel.store.claim("worker-a", ["default"], 1, clock.now(), 30).jobs[0]
+    assert rel.cancel(handle.id)  # in another process: this attempt learns at its step
+    outcome = run_attempt(rel, claimed)
+    assert ran == ["one"]
+    assert outcome.status == "cancelled"
+    rel.store.settle("worker-a", [outcome])
+    assert [s.name for s in rel.get_steps(handle.id)] == ["one"]
+    assert rel.run_until_idle() == 0
+    assert rel.get_job(handle.id).status == "cancelled"

@@ -3,6 +3,7 @@
 from .database import ClaimResult, Store, parse_database_url
 from .records import (
     AttemptRow,
+    AttemptStates,
     ClaimedJob,
     EnqueueResult,
     IdempotencyClaim,
@@ -13,6 +14,7 @@ from .records import (
 
 __all__ = [
     "AttemptRow",
+    "AttemptStates",
     "ClaimResult",
     "ClaimedJob",
     "EnqueueResult",

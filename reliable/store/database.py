@@ -13,7 +13,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, Select, bindparam, case, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    null,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -21,8 +33,10 @@ from ..errors import ConfigError, StoreError
 from . import flow, postgres, sqlite, steps
 from .lists import among, one_of, per_dialect
 from .migrate import ensure_schema
+from .reconnect import reconnecting
 from .records import (
     AttemptRow,
+    AttemptStates,
     ClaimedJob,
     EnqueueResult,
     IdempotencyClaim,
@@ -30,9 +44,11 @@ from .records import (
     NewJob,
     Outcome,
 )
-from .schema import IS_DUE, IS_RUNNING, attempts, idempotency_keys, jobs, workers
+from .schema import HOLDS_LEASE, IS_DUE, IS_RUNNING, attempts, idempotency_keys, jobs, workers
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# How an attempt that did not succeed is recorded, by the job's next status.
+_ATTEMPT_OUTCOMES = {"queued": "retry", "failed": "failed", "cancelled": "cancelled"}
 
 _LOST_ERROR = {
     "type": "WorkerLost",
@@ -114,10 +130,13 @@ _TAKE_OVER = per_dialect(
 _HELD = per_dialect(
     lambda d: (
         select(jobs.c.id, jobs.c.attempts, jobs.c.limits, jobs.c.slots_held)
-        .where(one_of(jobs.c.id, "ids", d), IS_RUNNING, jobs.c.lease_owner == bindparam("worker"))
+        .where(one_of(jobs.c.id, "ids", d), HOLDS_LEASE, jobs.c.lease_owner == bindparam("worker"))
         .with_for_update()
     )
 )
+# A job cancelled while its attempt ran stays cancelled whatever the attempt's outcome:
+# settling it only gives back the lease and the slots.
+_CANCELLED = jobs.c.status == literal_column("'cancelled'")
 _SETTLE = (
     update(jobs)
     .where(
@@ -126,12 +145,12 @@ _SETTLE = (
         jobs.c.lease_owner == bindparam("worker"),
     )
     .values(
-        status=bindparam("b_status"),
+        status=case((_CANCELLED, jobs.c.status), else_=bindparam("b_status")),
         attempts=bindparam("b_attempts"),
-        result=bindparam("b_result"),
+        result=case((_CANCELLED, null()), else_=bindparam("b_result")),
         error=bindparam("b_error"),
         run_at=bindparam("b_run_at"),
-        finished_at=bindparam("b_finished_at"),
+        finished_at=case((_CANCELLED, jobs.c.finished_at), else_=bindparam("b_finished_at")),
         lease_owner=None,
         lease_expires_at=None,
         slots_held=0,
@@ -183,6 +202,31 @@ def parse_database_url(raw: str) -> URL:
     return url
 
 
+@reconnecting(
+    "enqueue",
+    "claim",
+    "settle",
+    "heartbeat",
+    "check_attempts",
+    "remove_worker",
+    "recover_expired",
+    "release",
+    "cancel",
+    "load_steps",
+    "record_step",
+    "end_wait",
+    "get_wait",
+    "send_event",
+    "wake_orphaned_sleepers",
+    "get_job",
+    "get_status",
+    "get_attempts",
+    "has_due",
+    "prune_rate_events",
+    "sweep_parked",
+    "flow_state",
+    "count_by_status",
+)
 class Store:
     """Jobs, attempts, leases and idempotency keys in one database.
 
@@ -213,6 +257,7 @@ class Store:
         self._rotation = 0
         self._known_scopes: set[str] = set()  # concurrency counter rows that exist
         self._wakers: list[Callable[[], None]] = []
+        self.closed = False
         try:
             ensure_schema(self.engine, auto=auto_migrate)
         except DBAPIError as exc:
@@ -327,14 +372,26 @@ class Store:
                             idempotency_keys.c.key == idempotency.key,
                         )
                     ).one()
-                    return EnqueueResult(existing.job_id, False, existing.fingerprint)
+                    return EnqueueResult(
+                        existing.job_id, False, existing.fingerprint, replayed=True
+                    )
             rates, admitted = flow.admit_rates(connection, self._insert, job, now)
             if admitted > job.created_at:  # it waited behind a later admission
                 job = replace(job, created_at=admitted, run_at=max(job.run_at, admitted))
             if job.debounce is not None:
                 pending = flow.collapse(connection, self._insert, job, job.debounce, now)
                 if pending is not None:
-                    return EnqueueResult(pending, False, None, rates)
+                    if idempotency is not None:  # the key names the job its payload joined
+                        connection.execute(
+                            update(idempotency_keys)
+                            .where(
+                                idempotency_keys.c.scope == idempotency.scope,
+                                idempotency_keys.c.key == idempotency.key,
+                            )
+                            .values(job_id=pending)
+                        )
+                    fingerprint = idempotency.fingerprint if idempotency else None
+                    return EnqueueResult(pending, False, fingerprint, rates)
             run_at = job.run_at + (job.debounce.window if job.debounce else 0.0)
             connection.execute(_INSERT_JOB, self._job_values(job, run_at))
         self._wake()
@@ -602,7 +659,7 @@ class Store:
                         "worker": worker_id,
                         "b_status": o.status,
                         # A sleep is not an attempt: the resumed one keeps its number.
-                        "b_attempts": o.attempt - 1 if o.status == "sleeping" else o.attempt,
+                        "b_attempts": o.attempt if o.counted else o.attempt - 1,
                         "b_result": o.result,
                         "b_error": o.error,
                         "b_run_at": o.run_at if o.run_at is not None else o.finished_at,
@@ -616,7 +673,7 @@ class Store:
                     "job_id": o.job_id,
                     "attempt": o.attempt,
                     "worker_id": worker_id,
-                    "outcome": "retry" if o.status == "queued" else "failed",
+                    "outcome": _ATTEMPT_OUTCOMES.get(o.status, "failed"),
                     "started_at": o.started_at,
                     "finished_at": o.finished_at,
                     "error": o.error,
@@ -646,8 +703,8 @@ class Store:
     def heartbeat(
         self,
         worker_id: str,
-        job_ids: Sequence[str],
-        now: float,
+        held: Sequence[tuple[str, int]],
+        now: Callable[[], float],
         lease_seconds: float,
         *,
         hostname: str,
@@ -655,23 +712,27 @@ class Store:
         queues: Sequence[str],
         threads: int,
         started_at: float,
-    ) -> int:
-        """Renew the leases ``worker_id`` holds on ``job_ids``; record the worker alive.
+    ) -> AttemptStates:
+        """Renew the leases ``worker_id`` holds for ``held`` (job id, attempt); record the
+        worker alive. Returns which of them were cancelled meanwhile, and which lost
+        their lease (their jobs were taken over).
 
-        Returns how many leases were renewed.
-        """
+        ``now`` is read once the transaction has its locks: a renewal that waited for
+        the database extends the lease from when it is written."""
         with self._write() as connection:
-            renewed = 0
-            if job_ids:
+            at = now()
+            renewed: Sequence[Any] = ()
+            if held:
                 renewed = connection.execute(
                     update(jobs)
                     .where(
-                        jobs.c.id.in_(job_ids),
+                        jobs.c.id.in_([job_id for job_id, _ in held]),
                         jobs.c.lease_owner == worker_id,
-                        IS_RUNNING,
+                        HOLDS_LEASE,
                     )
-                    .values(lease_expires_at=now + lease_seconds)
-                ).rowcount
+                    .values(lease_expires_at=at + lease_seconds)
+                    .returning(jobs.c.id, jobs.c.attempts, jobs.c.status)
+                ).all()
             stmt = self._insert(workers).values(
                 id=worker_id,
                 hostname=hostname,
@@ -679,14 +740,30 @@ class Store:
                 queues=",".join(queues),
                 threads=threads,
                 started_at=started_at,
-                heartbeat_at=now,
+                heartbeat_at=at,
             )
             connection.execute(
                 stmt.on_conflict_do_update(
                     index_elements=[workers.c.id], set_={"heartbeat_at": stmt.excluded.heartbeat_at}
                 )
             )
-        return int(renewed)
+        return AttemptStates.of(held, renewed)
+
+    def check_attempts(self, worker_id: str, held: Sequence[tuple[str, int]]) -> AttemptStates:
+        """Which of the attempts ``held`` (job id, attempt) by ``worker_id`` were
+        cancelled, and which lost their lease; a read, cheap enough to run often."""
+        if not held:
+            return AttemptStates()
+        with self._read() as connection:
+            rows = connection.execute(
+                select(jobs.c.id, jobs.c.attempts, jobs.c.status).where(
+                    one_of(jobs.c.id, "ids", self.dialect),
+                    jobs.c.lease_owner == bindparam("worker"),
+                    HOLDS_LEASE,
+                ),
+                {"ids": [job_id for job_id, _ in held], "worker": worker_id},
+            ).all()
+        return AttemptStates.of(held, rows)
 
     def remove_worker(self, worker_id: str) -> None:
         with self._write() as connection:
@@ -696,38 +773,62 @@ class Store:
         """Requeue attempts whose lease expired (their worker died); return their job ids.
 
         The lost attempt counts against the job's retries and is recorded with a
-        ``WorkerLost`` error.
+        ``WorkerLost`` error. A cancelled job whose attempt's worker died gets its
+        slots back and stays cancelled.
         """
         with self._write() as connection:
-            rows = connection.execute(
-                select(
-                    jobs.c.id,
-                    jobs.c.attempts,
-                    jobs.c.lease_owner,
-                    jobs.c.started_at,
-                    jobs.c.limits,
-                    jobs.c.slots_held,
-                )
-                .where(IS_RUNNING, jobs.c.lease_expires_at < now)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
+            columns = (
+                jobs.c.id,
+                jobs.c.status,
+                jobs.c.attempts,
+                jobs.c.lease_owner,
+                jobs.c.started_at,
+                jobs.c.limits,
+                jobs.c.slots_held,
+            )
+            rows = [
+                *connection.execute(
+                    select(*columns)
+                    .where(IS_RUNNING, jobs.c.lease_expires_at < now)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                ),
+                *connection.execute(
+                    select(*columns)
+                    .where(
+                        _CANCELLED,
+                        jobs.c.lease_owner.is_not(None),
+                        jobs.c.lease_expires_at < now,
+                    )
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                ),
+            ]
             if not rows:
                 return []
             error = json.dumps(_LOST_ERROR)
-            connection.execute(
-                update(jobs)
-                .where(jobs.c.id == bindparam("b_id"), IS_RUNNING)
-                .values(
-                    status="queued",
-                    run_at=now,
-                    error=error,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    slots_held=0,
-                ),
-                [{"b_id": row.id} for row in rows],
-            )
+            lost = [row for row in rows if row.status == "running"]
+            if lost:
+                connection.execute(
+                    update(jobs)
+                    .where(jobs.c.id == bindparam("b_id"), IS_RUNNING)
+                    .values(
+                        status="queued",
+                        run_at=now,
+                        error=error,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        slots_held=0,
+                    ),
+                    [{"b_id": row.id} for row in lost],
+                )
+            ended = [row for row in rows if row.status != "running"]
+            if ended:
+                connection.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_([row.id for row in ended]))
+                    .values(lease_owner=None, lease_expires_at=None, slots_held=0)
+                )
             flow.release_slots(connection, [row.limits for row in rows if row.slots_held])
             connection.execute(
                 attempts.insert(),
@@ -746,12 +847,13 @@ class Store:
             )
             self._notify_other_processes(connection)
         self._wake()
-        return [row.id for row in rows]
+        return [row.id for row in lost]
 
     def release(self, worker_id: str, held: Sequence[tuple[str, int]], now: float) -> int:
         """Give back attempts that never ran to completion (graceful shutdown).
 
-        The attempt is not counted: the job is queued again, due at once, for any worker.
+        The attempt is not counted: the job is queued again, due at once, for any worker
+        (a job cancelled meanwhile stays cancelled, and only its slots come back).
         """
         if not held:
             return 0
@@ -760,8 +862,10 @@ class Store:
             rows = [
                 row
                 for row in connection.execute(
-                    select(jobs.c.id, jobs.c.attempts, jobs.c.limits, jobs.c.slots_held)
-                    .where(jobs.c.id.in_(attempts_of), jobs.c.lease_owner == worker_id, IS_RUNNING)
+                    select(
+                        jobs.c.id, jobs.c.status, jobs.c.attempts, jobs.c.limits, jobs.c.slots_held
+                    )
+                    .where(jobs.c.id.in_(attempts_of), jobs.c.lease_owner == worker_id, HOLDS_LEASE)
                     .with_for_update()
                 )
                 if attempts_of[row.id] == row.attempts
@@ -771,7 +875,7 @@ class Store:
                     update(jobs)
                     .where(jobs.c.id.in_([row.id for row in rows]))
                     .values(
-                        status="queued",
+                        status=case((_CANCELLED, jobs.c.status), else_="queued"),
                         attempts=jobs.c.attempts - 1,
                         run_at=now,
                         lease_owner=None,
@@ -780,7 +884,7 @@ class Store:
                     )
                 )
                 flow.release_slots(connection, [row.limits for row in rows if row.slots_held])
-            released = len(rows)
+            released = sum(1 for row in rows if row.status == "running")
             self._notify_other_processes(connection)
         self._wake()
         return int(released)
@@ -788,29 +892,25 @@ class Store:
     # -- operator actions -----------------------------------------------------------------
 
     def cancel(self, job_id: str, now: float) -> bool:
-        """Cancel a job that has not finished; a running attempt's result will be discarded."""
+        """Cancel a job that has not finished; return false if it had.
+
+        A queued or sleeping job never runs. A running attempt keeps its lease and its
+        concurrency slots until it has really ended (its worker learns of the cancel and
+        stops it at its next step boundary); its outcome is then discarded.
+        """
         with self._write() as connection:
             row = connection.execute(
-                select(jobs.c.status, jobs.c.limits, jobs.c.slots_held)
-                .where(jobs.c.id == job_id)
-                .with_for_update()
+                select(jobs.c.status).where(jobs.c.id == job_id).with_for_update()
             ).first()
             if row is None or row.status in TERMINAL:
                 return False
             connection.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)
-                .values(
-                    status="cancelled",
-                    finished_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    blocked_on=None,
-                    slots_held=0,
-                )
+                .values(status="cancelled", finished_at=now, blocked_on=None)
             )
-            if row.slots_held:  # a running attempt gives its slots back now
-                flow.release_slots(connection, [row.limits])
+            if row.status == "sleeping":
+                steps.remove_waits(connection, job_id)
         self._notify_changed()
         return True
 
@@ -822,29 +922,34 @@ class Store:
 
     def record_step(
         self, attempt: int, worker_id: str, row: steps.StepRow, wait: steps.WaitRow | None = None
-    ) -> bool:
+    ) -> str | None:
         """Save a step (and, for an event wait, the wait) while the attempt holds its
-        lease; return false, writing nothing, when it does not."""
+        lease. Returns the job's status then: ``running``; ``cancelled`` (the step was
+        saved, but not a wait: the attempt is to stop); ``None`` when the attempt lost
+        its lease, and nothing was written."""
         if wait is None:  # the common case: one statement, one round trip
             with self._single_statement() as connection:
-                return steps.save_fenced(connection, self._insert, row, attempt, worker_id)
+                if steps.save_fenced(connection, self._insert, row, attempt, worker_id):
+                    return "running"
         with self._write() as connection:
-            if not steps.holds_lease(connection, row.job_id, attempt, worker_id):
-                return False
+            state = steps.lease_state(connection, row.job_id, attempt, worker_id)
+            if state is None or (state == "cancelled" and wait is not None):
+                return state
             steps.save(connection, self._insert, row)
             if wait is not None:
                 steps.add_wait(connection, self._insert, wait)
-        return True
+        return state
 
     def end_wait(
         self, job_id: str, attempt: int, worker_id: str, step: str, result: str | None, now: float
-    ) -> bool:
-        """Complete a sleep, or an event wait that timed out, while holding the lease."""
+    ) -> str | None:
+        """Complete a sleep, or an event wait that timed out, while holding the lease;
+        returns the job's status as ``record_step`` does."""
         with self._write() as connection:
-            if not steps.holds_lease(connection, job_id, attempt, worker_id):
-                return False
-            steps.complete_wait(connection, job_id, step, result, now)
-        return True
+            state = steps.lease_state(connection, job_id, attempt, worker_id)
+            if state is not None:
+                steps.complete_wait(connection, job_id, step, result, now)
+        return state
 
     def get_wait(self, job_id: str, step: str) -> steps.WaitRow | None:
         with self._read() as connection:
@@ -854,6 +959,16 @@ class Store:
         """Store an event and wake every job waiting for it whose match it meets."""
         with self._write() as connection:
             woken = steps.deliver(connection, self._insert, event_id, name, data, now)
+            if woken:
+                self._notify_other_processes(connection)
+        if woken:
+            self._wake()
+        return woken
+
+    def wake_orphaned_sleepers(self, now: float) -> int:
+        """Repair lost wake-ups: sleeping jobs that wait for nothing are due now."""
+        with self._write() as connection:
+            woken = steps.wake_orphaned_sleepers(connection, now)
             if woken:
                 self._notify_other_processes(connection)
         if woken:
@@ -921,4 +1036,7 @@ class Store:
         return {row[0]: int(row[1]) for row in rows}
 
     def close(self) -> None:
+        """Close the pooled connections. A worker still finishing attempts after this
+        closes again what it opened since, once it is done (see ``closed``)."""
+        self.closed = True
         self.engine.dispose()

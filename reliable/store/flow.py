@@ -46,9 +46,9 @@ from ..errors import RateLimited
 from .lists import JSONList, one_of, per_dialect
 from .records import DebounceCheck, NewJob, Outcome, RateState
 from .schema import (
+    HOLDS_LEASE,
     IS_CLAIMABLE,
     IS_DUE,
-    IS_RUNNING,
     concurrency,
     debounces,
     jobs,
@@ -223,7 +223,7 @@ def candidates_statement(due: Select[Any], dialect: str) -> Any:
         jobs.c.attempts.label("in_use"),
         jobs.c.slots_held.label("capacity"),
     ).where(
-        one_of(jobs.c.id, "held", dialect), IS_RUNNING, jobs.c.lease_owner == bindparam("worker")
+        one_of(jobs.c.id, "held", dialect), HOLDS_LEASE, jobs.c.lease_owner == bindparam("worker")
     )
     if dialect != "postgresql":
         # One writer at a time: nothing to lock. Each candidate comes with the counter

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +74,15 @@ class IdempotencyClaim:
 
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
-    """``created`` is false when an unexpired idempotency key (or a debounce) already
-    named ``job_id``. ``rates`` are the rate-limit scopes after admitting the job."""
+    """``created`` is false when an unexpired idempotency key (``replayed``, with the
+    ``fingerprint`` it was stored with) or a debounce already named ``job_id``. ``rates``
+    are the rate-limit scopes after admitting the job."""
 
     job_id: str
     created: bool
     fingerprint: str | None = None
     rates: tuple[RateState, ...] = ()
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +112,11 @@ class Outcome:
     """The end of one attempt, applied only while the attempt still holds its lease.
 
     ``status`` is the job's next status: ``succeeded``, ``failed``, ``queued`` (a retry
-    at ``run_at``) or ``sleeping`` (parked until ``run_at``; the attempt is not
-    counted). ``result`` and ``error`` are JSON text. Where its slots go (``heir``,
+    at ``run_at``), ``sleeping`` (parked until ``run_at``; the attempt is not counted)
+    or ``cancelled``; a job cancelled while the attempt ran stays cancelled whatever the
+    outcome. ``counted`` false: the attempt does not count against the retries (it
+    never started, or it was given back at shutdown). ``result`` and ``error`` are JSON
+    text. Where its slots go (``heir``,
     ``keep_slots``) the worker decides while the outcome waits to be settled: those
     two fields change in place, once per capped job.
     """
@@ -123,6 +130,7 @@ class Outcome:
     error: str | None = None
     run_at: float | None = None
     task: str = ""
+    counted: bool = True
     # A ``sleeping`` outcome parked on an event wait: due at once if the event came
     # while the attempt was still settling.
     waits: bool = False
@@ -182,3 +190,21 @@ class LostJob:
     id: str
     task: str
     status: str
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptStates:
+    """What became of attempts a worker holds: those whose job was ``cancelled`` while
+    they ran, and those ``lost`` (their lease went to another worker, or expired)."""
+
+    cancelled: frozenset[tuple[str, int]] = frozenset()
+    lost: frozenset[tuple[str, int]] = frozenset()
+
+    @classmethod
+    def of(cls, held: Sequence[tuple[str, int]], rows: Iterable[Any]) -> AttemptStates:
+        """From the rows (``id``, ``attempts``, ``status``) still leased of ``held``."""
+        leased = {(row.id, row.attempts): row.status for row in rows}
+        return cls(
+            frozenset(pair for pair, status in leased.items() if status == "cancelled"),
+            frozenset(pair for pair in held if pair not in leased),
+        )

@@ -76,6 +76,14 @@ jobs = Table(
         sqlite_where=text("status = 'running'"),
         postgresql_where=text("status = 'running'"),
     ),
+    # Cancelled jobs whose attempt still winds down, holding a lease and its slots:
+    # given back when the attempt ends, or when its worker died and the lease expired.
+    Index(
+        "ix_reliable_jobs_winding_down",
+        "lease_expires_at",
+        sqlite_where=text("status = 'cancelled' AND lease_owner IS NOT NULL"),
+        postgresql_where=text("status = 'cancelled' AND lease_owner IS NOT NULL"),
+    ),
     Index(
         "ix_reliable_jobs_lease_owner",
         "lease_owner",
@@ -219,3 +227,8 @@ IS_CLAIMABLE: ColumnElement[bool] = jobs.c.status.in_(
 )
 IS_RUNNING: ColumnElement[bool] = jobs.c.status == literal_column("'running'")
 IS_DUE: ColumnElement[bool] = IS_CLAIMABLE & jobs.c.blocked_on.is_(None)
+# A job whose attempt holds a lease: running, or cancelled while that attempt winds
+# down (it keeps its lease and its slots until its function has returned).
+HOLDS_LEASE: ColumnElement[bool] = jobs.c.status.in_(
+    [literal_column("'running'"), literal_column("'cancelled'")]
+)

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, literal, select, update
 
-from .schema import IS_RUNNING, events, jobs, steps, waits
+from .schema import HOLDS_LEASE, IS_RUNNING, events, jobs, steps, waits
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,18 +42,21 @@ class WaitRow:
     expires_at: float | None
 
 
-def holds_lease(connection: Connection, job_id: str, attempt: int, worker_id: str) -> bool:
-    row = connection.execute(
-        select(jobs.c.id)
+def lease_state(connection: Connection, job_id: str, attempt: int, worker_id: str) -> str | None:
+    """The job's status while ``worker_id``'s ``attempt`` holds its lease (``running``,
+    or ``cancelled`` while the attempt winds down), locking the row; ``None`` when the
+    attempt lost the lease."""
+    status: str | None = connection.execute(
+        select(jobs.c.status)
         .where(
             jobs.c.id == job_id,
-            IS_RUNNING,
+            HOLDS_LEASE,
             jobs.c.attempts == attempt,
             jobs.c.lease_owner == worker_id,
         )
         .with_for_update()
-    ).first()
-    return row is not None
+    ).scalar()
+    return status
 
 
 def load(connection: Connection, job_id: str) -> dict[str, StepRow]:
@@ -78,7 +81,9 @@ def save_fenced(
     connection: Connection, insert: Any, row: StepRow, attempt: int, worker_id: str
 ) -> bool:
     """``save`` and the lease check in one statement (so it can run in autocommit):
-    the row is written only while the attempt holds the lease. Returns whether it was."""
+    the row is written only while the attempt holds the lease of a running job.
+    Returns whether it was (read from ``RETURNING``: PostgreSQL reports no row count
+    for an ``INSERT ... SELECT`` that inserted nothing)."""
     holder = (
         select(jobs.c.id)
         .where(
@@ -98,8 +103,8 @@ def save_fenced(
         index_elements=[steps.c.job_id, steps.c.name],
         set_={k: stmt.excluded[k] for k in values if k not in ("job_id", "name")},
         where=steps.c.status != "succeeded",
-    )
-    return bool(connection.execute(stmt).rowcount)
+    ).returning(steps.c.name)
+    return connection.execute(stmt).first() is not None
 
 
 def get_wait(connection: Connection, job_id: str, step: str) -> WaitRow | None:
@@ -159,15 +164,32 @@ def deliver(
     data_text: str,
     now: float,
 ) -> list[str]:
-    """Store an event and complete every matching wait; return the woken job ids."""
+    """Store an event and complete every matching wait; return the woken job ids.
+
+    The jobs' rows are locked before their waits, in id order, as an attempt parking
+    on a wait (and its settle) locks the job first: whichever of the two commits
+    second sees what the other did, so a wake-up is never lost between them.
+    """
     connection.execute(
         events.insert().values(id=event_id, name=name, data=data_text, created_at=now)
     )
     data = json.loads(data_text)
+    waiting = connection.execute(select(waits).where(waits.c.event == name)).all()
+    chosen = sorted({wait.job_id for wait in waiting if matches(_match(wait.match), data)})
+    if not chosen:
+        return []
+    connection.execute(
+        select(jobs.c.id).where(jobs.c.id.in_(chosen)).order_by(jobs.c.id).with_for_update()
+    ).all()
     woken: list[str] = []
-    pending = connection.execute(select(waits).where(waits.c.event == name).with_for_update()).all()
+    pending = connection.execute(
+        select(waits)
+        .where(waits.c.event == name, waits.c.job_id.in_(chosen))
+        .order_by(waits.c.job_id, waits.c.step)
+        .with_for_update()
+    ).all()
     for wait in pending:
-        if not matches(json.loads(wait.match) if wait.match else None, data):
+        if not matches(_match(wait.match), data):
             continue
         complete_wait(connection, wait.job_id, wait.step, data_text, now)
         # A parked job is due now; one still settling is made due by its settle.
@@ -178,6 +200,40 @@ def deliver(
         )
         woken.append(wait.job_id)
     return woken
+
+
+def _match(text: str | None) -> dict[str, Any] | None:
+    return json.loads(text) if text else None
+
+
+def wake_orphaned_sleepers(connection: Connection, now: float, limit: int = 500) -> int:
+    """Make due the sleeping jobs that wait for nothing any more: no sleep or event
+    wait of theirs is in progress (a wake-up lost to a race, repaired); returns how many."""
+    waiting = (
+        select(steps.c.job_id)
+        .where(steps.c.job_id == jobs.c.id, steps.c.status == "waiting")
+        .exists()
+    )
+    orphans = (
+        connection.execute(
+            select(jobs.c.id)
+            .where(jobs.c.status == "sleeping", jobs.c.run_at > now, ~waiting)
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    if orphans:
+        connection.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(orphans), jobs.c.status == "sleeping")
+            .values(run_at=now)
+        )
+    return len(orphans)
+
+
+def remove_waits(connection: Connection, job_id: str) -> None:
+    connection.execute(delete(waits).where(waits.c.job_id == job_id))
 
 
 def complete_wait(

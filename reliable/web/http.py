@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..jobs import JobInfo
+from .snapshot import hidden_headers
 
 
 @dataclass
@@ -85,8 +87,32 @@ def _iso(info_time: Any) -> str | None:
     return None if info_time is None else info_time.isoformat()
 
 
-def status_document(info: JobInfo) -> dict[str, Any]:
-    """The status resource's body: id, task, status, attempts, times, result, error."""
+# Response headers of a handler that are neither stored with its result nor served
+# from one stored by an earlier version: a session the handler opened belongs to no
+# one who polls the job. The credential headers and RELIABLE_REDACT_HEADERS go too.
+SECRET_RESPONSE_HEADERS = frozenset({"set-cookie"})
+
+
+def served_result(result: Any, redact: Iterable[str] = ()) -> Any:
+    """A handler's stored result as served: without ``Set-Cookie``, the credential
+    headers and the ``redact`` header names (``RELIABLE_REDACT_HEADERS``)."""
+    if not (
+        isinstance(result, dict)
+        and "status_code" in result
+        and isinstance(result.get("headers"), dict)
+    ):
+        return result
+    hidden = SECRET_RESPONSE_HEADERS | hidden_headers(redact)
+    headers = {k: v for k, v in result["headers"].items() if str(k).lower() not in hidden}
+    return {**result, "headers": headers}
+
+
+def status_document(info: JobInfo, redact: Iterable[str] = ()) -> dict[str, Any]:
+    """The status resource's body: id, task, status, attempts, times, result, error.
+
+    A handler's response headers in the result go without ``Set-Cookie``, the
+    credential headers and the ``redact`` header names (``RELIABLE_REDACT_HEADERS``).
+    """
     error = info.error
     if error is not None:
         error = {k: v for k, v in error.items() if k != "traceback"}
@@ -98,6 +124,6 @@ def status_document(info: JobInfo) -> dict[str, Any]:
         "created_at": _iso(info.created_at),
         "started_at": _iso(info.started_at),
         "finished_at": _iso(info.finished_at),
-        "result": info.result if info.status == "succeeded" else None,
+        "result": served_result(info.result, redact) if info.status == "succeeded" else None,
         "error": error if info.status == "failed" else None,
     }

@@ -15,7 +15,7 @@ import importlib
 import inspect
 import json
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,9 +24,9 @@ from ..limits import Key, MissingKey, describe_key, plan, scope_value
 from ..serialization import dumps
 from ..store.records import RateState
 from ..tasks import Task, TaskOptions
-from .http import HttpResponse, accepted, problem
+from .http import SECRET_RESPONSE_HEADERS, HttpResponse, accepted, problem
 from .idempotency import InvalidIdempotencyKey, parse_idempotency_key, request_fingerprint
-from .snapshot import CREDENTIAL_HEADERS, RequestSnapshot
+from .snapshot import NO_CREDENTIALS, Credentials, RequestSnapshot, hidden_headers
 
 if TYPE_CHECKING:
     from ..app import Reliable
@@ -100,11 +100,17 @@ class RouteOptions:
         return cls(idempotency, idempotency_scope, capture)
 
 
-def result_document(response: HttpResponse) -> dict[str, Any]:
-    """The stored result of a handler: status code, headers and the whole body."""
+def result_document(response: HttpResponse, redact: Iterable[str] = ()) -> dict[str, Any]:
+    """The stored result of a handler: status code, headers and the whole body.
+
+    ``Set-Cookie``, the credential headers and the ``redact`` header names
+    (``RELIABLE_REDACT_HEADERS``) are left out of the headers.
+    """
+    hidden = SECRET_RESPONSE_HEADERS | hidden_headers(redact)
     headers: dict[str, str] = {}
     for name, value in response.headers:
-        headers[name.lower()] = value
+        if name.lower() not in hidden:
+            headers[name.lower()] = value
     content_type = headers.get("content-type", "")
     body: Any
     try:
@@ -149,7 +155,7 @@ class RouteTask(Task[..., Any]):
     def _finish(self, response: HttpResponse) -> dict[str, Any]:
         if response.status >= 500:
             raise HandlerFailed(response)
-        return result_document(response)
+        return result_document(response, self.app.settings.redact_headers)
 
 
 def offload(app: Reliable, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
@@ -204,12 +210,20 @@ def admit(
     captured: Any = None,
     scope: str | None = None,
     request: Any = None,
+    credentials: Credentials = NO_CREDENTIALS,
 ) -> HttpResponse:
     """Check, snapshot and commit one request; decide the answer (SPEC §4).
 
-    ``snapshot`` still carries every header; credentials are dropped here, before
-    anything is written. ``scope`` is the caller's idempotency scope value, if any;
-    ``request`` the framework's request, given to key functions.
+    ``snapshot`` still carries every header and argument; credentials (the credential
+    headers, ``RELIABLE_REDACT_HEADERS`` and what ``credentials`` names for this route)
+    are dropped here, before anything is written. ``scope`` is the caller's
+    idempotency scope value, if any; ``request`` the framework's request, given to key
+    functions.
+
+    An ``Idempotency-Key`` is scoped to the route and to the caller: the ``scope``
+    value where the route has a scope function, else a digest of the credentials the
+    request carries, so that another caller reusing a key neither gets the first
+    caller's job nor learns, from a 422, that the key exists.
     """
     key = None
     raw_key = snapshot.header("idempotency-key")
@@ -225,7 +239,7 @@ def admit(
     payload = dumps(
         {
             "framework": framework,
-            "request": snapshot.redacted(app.settings.redact_headers).to_json(),
+            "request": snapshot.redacted(app.settings.redact_headers, credentials).to_json(),
             "captured": captured,
         }
     )
@@ -234,7 +248,7 @@ def admit(
             route.name,
             route.options.flow,
             lambda key, option: resolve_request_key(
-                key, option, snapshot, request, app.settings.redact_headers
+                key, option, snapshot, request, app.settings.redact_headers, credentials
             ),
         )
     except MissingKey as exc:
@@ -248,6 +262,8 @@ def admit(
         idempotency_scope = f"route:{route.name}"
         if scope is not None:
             idempotency_scope = f"{idempotency_scope}:{scope}"
+        elif held := snapshot.carried_credentials(app.settings.redact_headers, credentials):
+            idempotency_scope = f"{idempotency_scope}:caller:{caller_fingerprint(held)}"
     try:
         handle = app.enqueue_payload(
             route,
@@ -263,9 +279,20 @@ def admit(
         )
     except RateLimited as exc:
         return rate_limited(route, exc)
-    response = accepted(handle.id, app.settings.url_prefix, replayed=not handle.created)
+    response = accepted(handle.id, app.settings.url_prefix, replayed=handle.replayed)
     response.headers += rate_limit_headers(route, handle.rates)
     return response
+
+
+def caller_fingerprint(credentials: Sequence[tuple[str, str]]) -> str:
+    """A SHA-256 hex digest of a request's credentials, never the credentials.
+
+    Only where the route has no scope function: that one alone defines the caller,
+    because what a request carries may change between one caller's retries (a session
+    cookie rotated, a token refreshed) and the retry must still find its job.
+    """
+    encoded = json.dumps([list(pair) for pair in credentials], separators=(",", ":"))
+    return hashlib.sha256(encoded.encode()).hexdigest()
 
 
 def _policy_name(route: RouteTask, index: int) -> str:
@@ -301,7 +328,12 @@ def rate_limited(route: RouteTask, exc: RateLimited) -> HttpResponse:
 
 
 def resolve_request_key(
-    key: Key, option: str, snapshot: RequestSnapshot, request: Any, redacted: Sequence[str]
+    key: Key,
+    option: str,
+    snapshot: RequestSnapshot,
+    request: Any,
+    redacted: Sequence[str],
+    credentials: Credentials = NO_CREDENTIALS,
 ) -> str:
     """The value of a limit key for one request (see ``reliable.limits``)."""
     if callable(key):
@@ -309,20 +341,22 @@ def resolve_request_key(
     else:
         kind, _, detail = key.partition(":")
         value = None
+        secret = False
         if kind == "header":
             value = snapshot.header(detail)
-            hidden = CREDENTIAL_HEADERS | {name.lower() for name in redacted}
-            if value is not None and detail.lower() in hidden:
-                # Never store a credential, not even as a key: keep a digest of it.
-                value = "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:32]
+            secret = detail.lower() in hidden_headers(redacted) | credentials.headers
         elif kind == "path":
             value = snapshot.path_params.get(detail)
         elif kind == "arg":
             value = (snapshot.arguments or {}).get(detail, snapshot.path_params.get(detail))
+            secret = detail in credentials.arguments
         elif kind == "ip":
             value = snapshot.client[0] if snapshot.client else None
         elif kind == "json":
             value = _json_path(snapshot.body, detail)
+        if secret and value is not None:
+            # Never store a credential, not even as a key: keep a digest of it.
+            value = "sha256:" + hashlib.sha256(str(value).encode()).hexdigest()[:32]
     if value is None or value == "":
         raise MissingKey(describe_key(key), option)
     return scope_value(value)

@@ -56,7 +56,7 @@ def job_status(app: Reliable, job_id: str, wait: float = 0.0) -> HttpResponse:
             app.store.wait_for_change(min(pause, remaining))
             pause = min(pause * 2, 0.25)
             info = app.get_job(job_id)
-    return HttpResponse.json(200, status_document(info))
+    return HttpResponse.json(200, status_document(info, app.settings.redact_headers))
 
 
 async def job_status_async(app: Reliable, job_id: str, wait: float = 0.0) -> HttpResponse:
@@ -70,7 +70,7 @@ async def job_status_async(app: Reliable, job_id: str, wait: float = 0.0) -> Htt
         await asyncio.sleep(min(pause, remaining))
         pause = min(pause * 2, 0.25)
         info = await asyncio.to_thread(app.get_job, job_id)
-    return HttpResponse.json(200, status_document(info))
+    return HttpResponse.json(200, status_document(info, app.settings.redact_headers))
 
 
 def cancel_job(app: Reliable, job_id: str) -> HttpResponse:
@@ -80,4 +80,5 @@ def cancel_job(app: Reliable, job_id: str) -> HttpResponse:
         return not_found(job_id)
     if not app.cancel(job_id):
         return problem(409, f"job {job_id} has already finished ({info.status})", title="Conflict")
-    return HttpResponse.json(200, status_document(app.get_job(job_id)))
+    document = status_document(app.get_job(job_id), app.settings.redact_headers)
+    return HttpResponse.json(200, document)
