@@ -29,6 +29,9 @@ from support import (
 from reliable import Reliable
 
 APP = "tests.apps.flow_app:rel"
+# Long enough for another job to run and the worker to be killed before the sleep ends,
+# also on a busy machine.
+NAP_SECONDS = 5.0
 
 
 @pytest.fixture
@@ -129,13 +132,13 @@ def test_a_job_killed_mid_way_does_not_repeat_its_completed_steps(
 def test_a_sleeping_job_resumes_once_after_the_delay_when_its_worker_was_restarted(
     client: Reliable, processes: Processes
 ) -> None:
-    """``sleeper`` (``concurrency=1``) A sleeps 2 s durably: its thread and its slot are
+    """``sleeper`` (``concurrency=1``) A sleeps 5 s durably: its thread and its slot are
     freed, so B runs during the sleep. The worker is killed during the sleep and two new
     ones are started: A resumes exactly once (its later step ran once), not before the
     delay, and no attempt was lost (a sleeping job holds no lease)."""
     [first] = start_workers(processes, client, 1)
     sleeper = task(client, "sleeper")
-    a = sleeper.enqueue(1, 2.0)
+    a = sleeper.enqueue(1, NAP_SECONDS)
     wait_for_status(client, processes, a.id, "sleeping", 20)
     b = sleeper.enqueue(2, 0.0)
     wait_for_status(client, processes, b.id, "succeeded", 20)
@@ -151,7 +154,7 @@ def test_a_sleeping_job_resumes_once_after_the_delay_when_its_worker_was_restart
     runs = step_runs(client, a.id)
     assert {name: len(rows) for name, rows in runs.items()} == {"before": 1, "after": 1}
     assert runs["before"][0].pid == first.pid and runs["after"][0].pid != first.pid
-    assert runs["after"][0].at >= runs["before"][0].at + 2.0
+    assert runs["after"][0].at >= runs["before"][0].at + NAP_SECONDS
     # B started and finished while A slept.
     b_runs = step_runs(client, b.id)
     finished_b = client.get_job(b.id).finished_at

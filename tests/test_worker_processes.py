@@ -29,6 +29,7 @@ from support import (
 from reliable import JobTimeout, Reliable
 
 APP = "tests.apps.worker_app:rel"
+GRACE_SECONDS = 5.0  # ample for a job that ends at SIGTERM, far short of the default 30 s
 
 
 @pytest.fixture
@@ -163,8 +164,9 @@ def test_sigterm_finishes_short_attempts_and_releases_long_ones_uncounted(
     client: Reliable, processes: Processes, tmp_path: Path
 ) -> None:
     """On SIGTERM a worker finishes the attempt that fits in its grace period, releases the
-    one that does not, and exits 0 promptly; the next worker runs the released job, whose
-    released attempt is not counted (``attempts == 1``, no attempt recorded)."""
+    one that does not, and exits 0 once its grace period is over; the next worker runs the
+    released job, whose released attempt is not counted (``attempts == 1``, no attempt
+    recorded)."""
     long_job = task(client, "slow").enqueue(1)
     gate = tmp_path / "gate"
     short_job = task(client, "gated").enqueue(2, gate=str(gate))
@@ -174,7 +176,7 @@ def test_sigterm_finishes_short_attempts_and_releases_long_ones_uncounted(
         "--threads",
         "2",
         "--grace",
-        "0.5",
+        str(GRACE_SECONDS),
         WORKER_APP_SLOW_SECONDS="60",
         WORKER_APP_MARKERS=str(markers),
     )
@@ -189,13 +191,13 @@ def test_sigterm_finishes_short_attempts_and_releases_long_ones_uncounted(
     signalled = time.time()
     first.send_signal(signal.SIGTERM)
     gate.touch()  # the short job ends now, well within the grace period
+    # Exiting within 20 s means the worker kept to its grace period: waiting for the long
+    # attempt would take 60 s, and the default grace period is 30 s.
     try:
-        exit_code = first.wait(timeout=10)
+        exit_code = first.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the worker did not exit within 10s of SIGTERM\n{processes.logs()}")
-    took = time.time() - signalled
+        pytest.fail(f"the worker did not exit within 20s of SIGTERM\n{processes.logs()}")
     assert exit_code == 0, processes.logs()
-    assert took < 5.0, f"exit took {took:.2f}s after SIGTERM (grace 0.5s)\n{processes.logs()}"
 
     short = client.get_job(short_job.id)
     assert short.status == "succeeded", processes.logs()
