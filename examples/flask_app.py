@@ -2,9 +2,10 @@
 
     python examples/flask_app.py
 
-serves on http://127.0.0.1:8000 with the embedded worker, keeping jobs in ``demo.db``
-(SQLite) unless RELIABLE_DATABASE_URL says otherwise. More workers, on any machine
-sharing the database: ``reliable worker examples.flask_app:app`` (or ``flask --app
+serves on http://127.0.0.1:8000 (DEMO_PORT picks another port) with the embedded
+worker, keeping jobs in ``demo.db`` (SQLite) unless RELIABLE_DATABASE_URL says
+otherwise; it prints a ``curl`` line to try. More workers, on any machine sharing the
+database: ``reliable worker examples.flask_app:app`` (or ``flask --app
 examples.flask_app reliable worker``).
 
 - ``POST /orders/<id>/receipt`` emails a receipt through a provider that fails now and
@@ -119,11 +120,14 @@ app = create_app(rel)
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    port = int(os.environ.get("DEMO_PORT", "8000"))
+    base = f"http://127.0.0.1:{port}"
     print(
-        "Serving on http://127.0.0.1:8000 - try:\n"
-        "  curl -i -X POST 'http://127.0.0.1:8000/orders/42/receipt?template=short' "
+        f"Serving on {base} - try:\n"
+        f"  curl -i -X POST '{base}/orders/42/receipt?template=short' "
         "-H 'Content-Type: application/json' -H 'X-Request-Id: demo-1' "
         """-d '{"email": "ada@example.com"}'\n"""
-        "then follow the Location header: curl 'http://127.0.0.1:8000/_reliable/jobs/<id>?wait=10'"
+        f"then follow the Location header: curl '{base}/_reliable/jobs/<id>?wait=10'",
+        flush=True,  # also when the output is a pipe, not a terminal
     )
-    app.run("127.0.0.1", 8000, threaded=True)
+    app.run("127.0.0.1", port, threaded=True)

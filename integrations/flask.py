@@ -40,6 +40,7 @@ from reliable.web import (
     too_large,
 )
 from reliable.web.routes import register_adapter
+from reliable.web.status import Allow
 
 __all__ = ["FlaskAdapter", "FlaskState", "ReliableFlask"]
 
@@ -207,13 +208,24 @@ def job_status_view(job_id: str) -> Response:
     wait = parse_wait(request.args.get("wait"))
     if isinstance(wait, HttpResponse):
         return to_flask(wait)
-    return to_flask(job_status(_state(current_app).reliable, job_id, wait))
+    rel = _state(current_app).reliable
+    return to_flask(job_status(rel, job_id, wait, _allow(rel)))
 
 
 @status_blueprint.delete("/jobs/<job_id>")
 def cancel_job_view(job_id: str) -> Response:
     """Cancel a job that has not finished; 409 when it already had."""
-    return to_flask(cancel_job(_state(current_app).reliable, job_id))
+    rel = _state(current_app).reliable
+    return to_flask(cancel_job(rel, job_id, _allow(rel)))
+
+
+def _allow(rel: Reliable) -> Allow | None:
+    """The application's ``status_access`` hook, asked about the current request."""
+    hook = rel.status_hook
+    if hook is None:
+        return None
+    caller = request._get_current_object()  # type: ignore[attr-defined]
+    return lambda info, action: bool(hook(caller, info, action))
 
 
 def read_body(limit: int) -> bytes | None:

@@ -20,7 +20,7 @@ import threading
 import typing
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,10 +32,10 @@ from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reliable import ConfigError, Reliable, current_job
+from reliable import Reliable, current_job
 from reliable.web import (
     HttpResponse,
     RequestSnapshot,
@@ -48,7 +48,10 @@ from reliable.web import (
     too_large,
 )
 from reliable.web.routes import register_adapter
-from reliable.web.snapshot import NO_CREDENTIALS, Credentials, hidden_headers
+from reliable.web.snapshot import NO_CREDENTIALS, Credentials
+from reliable.web.status import Allow
+
+from .fastapi import check_routes, describe, find_credentials, render, route_of, routes
 
 __all__ = ["ReliableMiddleware", "StarletteAdapter"]
 
@@ -188,15 +191,22 @@ class ReliableMiddleware:
 
     async def _status(self, scope: Scope, job_id: str) -> HttpResponse:
         method = scope["method"]
+        hook = self.reliable.status_hook
+        allow: Allow | None = None
+        if hook is not None:
+            caller = Request(scope)
+            allow = lambda info, action: bool(hook(caller, info, action))  # noqa: E731
         if method == "DELETE":
-            return await anyio.to_thread.run_sync(cancel_job, self.reliable, job_id)
+            return await anyio.to_thread.run_sync(cancel_job, self.reliable, job_id, allow)
         if method not in ("GET", "HEAD"):
-            allow = [("allow", "GET, HEAD, DELETE")]
-            return problem(405, f"{method} not allowed", title="Method Not Allowed", headers=allow)
+            methods = [("allow", "GET, HEAD, DELETE")]
+            return problem(
+                405, f"{method} not allowed", title="Method Not Allowed", headers=methods
+            )
         wait = parse_wait(QueryParams(scope["query_string"]).get("wait"))
         if isinstance(wait, HttpResponse):
             return wait
-        return await job_status_async(self.reliable, job_id, wait)
+        return await job_status_async(self.reliable, job_id, wait, allow)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_worker = False
@@ -213,7 +223,7 @@ class ReliableMiddleware:
         async def start_then_send(message: Message) -> None:
             nonlocal started_worker
             if message["type"] == "lifespan.startup.complete":  # after the app's startup
-                _check_routes(scope.get("app"))
+                check_routes(scope.get("app"))
                 self._adopt(scope.get("app"), scope.get("state"))
                 started_worker = await anyio.to_thread.run_sync(self._open)
                 if started_worker:
@@ -234,6 +244,7 @@ class ReliableMiddleware:
         self._seen = app
         if app is None:
             return
+        describe(app, self.reliable.settings.url_prefix)
         host = _HOSTS.get(self.reliable)
         if host is None or host.app is not app:
             _HOSTS[self.reliable] = host = _Host(app)
@@ -425,7 +436,7 @@ class StarletteAdapter:
             if result is None:
                 raise
         if not isinstance(result, Response):
-            result = await _render(result, _api_route(host, route))
+            result = await render(result, _api_route(host, route))
         return await _collect(result, scope, request.receive)
 
 
@@ -445,57 +456,13 @@ def _credentials(route: RouteTask, api_route: Any) -> Credentials:
     found = _CREDENTIALS.get(route)
     if found is None:
         dependant = getattr(api_route, "dependant", None)
-        if dependant is None or _route_of(api_route) is not route:
+        if dependant is None or route_of(api_route) is not route:
             dependant = getattr(_api_route(_host_of(route), route), "dependant", None)
         if dependant is None:
             return NO_CREDENTIALS
-        found = _find_credentials(dependant, route.app.settings.redact_headers)
+        found = find_credentials(dependant, route.app.settings.redact_headers)
         _CREDENTIALS[route] = found
     return found
-
-
-def _find_credentials(dependant: Any, redact: Iterable[str]) -> Credentials:
-    """The endpoint's parameters that carry credentials (``Header()`` on a credential
-    header, ``Cookie()``, a security scheme), and the headers and query parameters that
-    API key schemes read anywhere in its dependencies."""
-    from fastapi.security.base import SecurityBase
-
-    hidden = hidden_headers(redact)
-    arguments = {field.name for field in dependant.cookie_params}
-    arguments |= {field.name for field in dependant.header_params if _header_names(field) & hidden}
-    arguments |= {
-        sub.name
-        for sub in dependant.dependencies
-        if sub.name and isinstance(sub.call, SecurityBase)
-    }
-    headers: set[str] = set()
-    query: set[str] = set()
-    pending = list(dependant.dependencies)
-    while pending:
-        sub = pending.pop()
-        pending.extend(sub.dependencies)
-        model = getattr(sub.call, "model", None) if isinstance(sub.call, SecurityBase) else None
-        location = getattr(getattr(model, "in_", None), "value", None)
-        name = getattr(model, "name", None)
-        if isinstance(name, str) and location == "header":
-            headers.add(name.lower())
-        elif isinstance(name, str) and location == "query":
-            query.add(name)
-    return Credentials(frozenset(arguments), frozenset(headers), frozenset(query))
-
-
-def _header_names(field: Any) -> set[str]:
-    """The headers a FastAPI ``Header()`` parameter reads (each field's, for a model)."""
-    info = getattr(field, "field_info", None)
-    annotation = getattr(info, "annotation", None)
-    model_fields = getattr(annotation, "model_fields", None)
-    names: list[str] = [field.alias or field.name]
-    if isinstance(annotation, type) and isinstance(model_fields, dict):
-        names = [value.alias or key for key, value in model_fields.items()]
-    converted = {name.replace("_", "-") for name in names}
-    if getattr(info, "convert_underscores", True) is False:
-        converted = set()
-    return {name.lower() for name in {*names, *converted}}
 
 
 async def _call_hook(hook: Callable[[Any], Any] | None, request: Request) -> Any:
@@ -537,32 +504,6 @@ async def _collect(response: Response, scope: Scope, receive: Receive) -> HttpRe
     return answer
 
 
-async def _render(value: Any, api_route: Any) -> Response:
-    """A FastAPI-style return value as FastAPI answers it (response model, status code)."""
-    try:
-        from fastapi.datastructures import DefaultPlaceholder
-        from fastapi.encoders import jsonable_encoder
-        from fastapi.routing import APIRoute, serialize_response
-    except ImportError:
-        return JSONResponse(value)
-    if not isinstance(api_route, APIRoute):
-        return JSONResponse(jsonable_encoder(value))
-    content = await serialize_response(
-        field=api_route.response_field,
-        response_content=value,
-        include=api_route.response_model_include,
-        exclude=api_route.response_model_exclude,
-        by_alias=api_route.response_model_by_alias,
-        exclude_unset=api_route.response_model_exclude_unset,
-        exclude_defaults=api_route.response_model_exclude_defaults,
-        exclude_none=api_route.response_model_exclude_none,
-    )
-    response_class: Any = api_route.response_class
-    if isinstance(response_class, DefaultPlaceholder):
-        response_class = response_class.value
-    return response_class(content, status_code=api_route.status_code or 200)  # type: ignore[no-any-return]
-
-
 @functools.lru_cache(maxsize=1024)
 def _request_parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
     """Names of ``fn``'s parameters typed ``Request`` (``HTTPConnection``)."""
@@ -577,21 +518,9 @@ def _request_parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
     )
 
 
-def _routes(app: Any) -> Iterator[Any]:
-    """Every route of ``app``, those of mounted apps included."""
-    for route in getattr(app, "routes", None) or ():
-        yield route
-        yield from _routes(route)
-
-
-def _route_of(route: Any) -> RouteTask | None:
-    found = getattr(getattr(route, "endpoint", None), "reliable_route", None)
-    return found if isinstance(found, RouteTask) else None
-
-
 def _api_route(host: _Host | None, route: RouteTask) -> Any:
-    routes = _routes(host.app) if host is not None else ()
-    return next((r for r in routes if _route_of(r) is route and hasattr(r, "dependant")), None)
+    found = routes(host.app) if host is not None else ()
+    return next((r for r in found if route_of(r) is route and hasattr(r, "dependant")), None)
 
 
 def _host_of(route: RouteTask) -> _Host | None:
@@ -610,46 +539,6 @@ def _carries(app: Starlette, rel: Reliable) -> bool:
         getattr(m, "cls", None) is ReliableMiddleware and m.kwargs.get("reliable") is rel
         for m in app.user_middleware
     )
-
-
-def _yields(call: Any) -> bool:
-    """Whether FastAPI runs ``call`` as a dependency with ``yield``."""
-    for candidate in (call, getattr(call, "__call__", None)):  # noqa: B004 - instances too
-        while isinstance(candidate, functools.partial):
-            candidate = candidate.func
-        if candidate is not None and not inspect.isclass(candidate):
-            target = inspect.unwrap(candidate)
-            if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
-                return True
-    return False
-
-
-def _check_routes(app: Any) -> None:
-    """Refuse offloaded FastAPI endpoints with a parameter that cannot reach a worker.
-
-    Raises ``ConfigError`` naming it: an open resource from a ``Depends`` with
-    ``yield`` (closed when the request ends), or a ``WebSocket``, ``Response``,
-    ``BackgroundTasks`` or ``SecurityScopes`` parameter.
-    """
-    for api_route in _routes(app):
-        route, dependant = _route_of(api_route), getattr(api_route, "dependant", None)
-        if route is None or dependant is None:
-            continue
-        where = f"offloaded endpoint {route.name} ({api_route.path})"
-        for kind in ("websocket", "response", "background_tasks", "security_scopes"):
-            if name := getattr(dependant, f"{kind}_param_name", None):
-                what = kind.replace("_", " ")
-                raise ConfigError(name, f"{where} takes a {what}, which a worker cannot get")
-        for sub in dependant.dependencies:
-            if sub.name and _yields(sub.call):
-                call = getattr(sub.call, "__qualname__", type(sub.call).__qualname__)
-                raise ConfigError(
-                    sub.name,
-                    f"{where} gets an open resource from Depends({call}), "
-                    "a dependency with yield, closed when the request ends and before a "
-                    "worker runs the endpoint; open it in the endpoint, or move it to "
-                    "dependencies=[...]",
-                )
 
 
 register_adapter(StarletteAdapter())

@@ -5,6 +5,7 @@ from .clock import Clock, ManualClock, SystemClock
 from .context import JobContext, current_job
 from .errors import (
     ConfigError,
+    ConfigWarning,
     IdempotencyConflict,
     JobCancelled,
     JobFailed,
@@ -31,6 +32,7 @@ __all__ = [
     "Clock",
     "Concurrency",
     "ConfigError",
+    "ConfigWarning",
     "Debounce",
     "IdempotencyConflict",
     "JobCancelled",

@@ -12,7 +12,13 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from .clock import Clock, SystemClock
 from .context import CANCELLED, AttemptControl
-from .errors import ConfigError, IdempotencyConflict, JobNotFound, PayloadTooLarge
+from .errors import (
+    ConfigError,
+    IdempotencyConflict,
+    JobNotFound,
+    PayloadTooLarge,
+    SerializationError,
+)
 from .execution import after_failure, attempt_control, run_attempt
 from .jobs import AttemptInfo, JobHandle, JobInfo, StepInfo
 from .limits import FlowPlan
@@ -28,6 +34,9 @@ R = TypeVar("R")
 
 log = logging.getLogger("reliable")
 
+# May the caller (a framework request) read or cancel this job? See ``status_access``.
+StatusAccess = Callable[[Any, JobInfo, str], bool]
+
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
@@ -42,7 +51,9 @@ class Reliable:
     ... def send_invoice(order_id: int) -> dict: ...
 
     ``clock`` replaces the wall clock (tests move time by hand). The database is opened
-    on first use and its schema upgraded then (``RELIABLE_AUTO_MIGRATE``).
+    on first use and its schema upgraded then, unless ``auto_migrate`` is off
+    (``RELIABLE_AUTO_MIGRATE=0``): then an outdated schema raises ``StoreError`` asking
+    for ``reliable db upgrade``.
     """
 
     def __init__(
@@ -50,12 +61,13 @@ class Reliable:
         database_url: str | None = None,
         *,
         clock: Clock | None = None,
-        auto_migrate: bool = True,
+        auto_migrate: bool | None = None,
         **settings: Any,
     ) -> None:
-        self.settings = Settings.load({"database_url": database_url, **settings})
+        self.settings = Settings.load(
+            {"database_url": database_url, "auto_migrate": auto_migrate, **settings}
+        )
         self.clock: Clock = clock or SystemClock()
-        self.auto_migrate = auto_migrate
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._store: Store | None = None
         self._lock = threading.RLock()
@@ -63,6 +75,7 @@ class Reliable:
         self._inline_worker_id = new_worker_id()
         self._inline: dict[str, AttemptControl] = {}  # attempts of run_until_idle
         self.capture_hook: Callable[[Any], Any] | None = None
+        self.status_hook: StatusAccess | None = None
 
     def __repr__(self) -> str:
         return f"<Reliable {self.settings.database_url}>"
@@ -77,7 +90,7 @@ class Reliable:
                         self.settings.database_url,
                         pool_size=self.settings.worker_threads + 4,
                         sqlite_synchronous=self.settings.sqlite_synchronous,
-                        auto_migrate=self.auto_migrate,
+                        auto_migrate=self.settings.auto_migrate,
                     )
         return self._store
 
@@ -144,6 +157,22 @@ class Reliable:
             return lambda function: offload(self, function, **options)
         return offload(self, fn, **options)
 
+    def status_access(self, fn: StatusAccess) -> StatusAccess:
+        """Decide who may read and cancel jobs through the status resource.
+
+        By default a job's status URL is a capability: its id carries 122 random bits,
+        and whoever holds the URL (the client that got the 202, and anyone it passes
+        the URL to) may read the job (``GET``) and cancel it (``DELETE``); nobody can
+        guess one. With a hook, ``fn(request, job, action)`` runs before either, with
+        the framework's request, the ``JobInfo`` and ``action`` ``"read"`` or
+        ``"cancel"``; a false answer is a ``403``. Use it to require the same
+        authentication as the route (``job.task`` names it), or to let only the caller
+        whose identity the capture hook stored (``current_job().captured``, not in
+        ``JobInfo``) cancel.
+        """
+        self.status_hook = fn
+        return fn
+
     def capture(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """Set the capture hook of routes that do not pass ``capture=``.
 
@@ -197,7 +226,17 @@ class Reliable:
         idempotency_key: str | None,
         flow: FlowPlan,
     ) -> JobHandle[Any]:
-        payload = dumps({"args": args, "kwargs": kwargs})
+        try:
+            payload = dumps({"args": args, "kwargs": kwargs})
+        except SerializationError as exc:
+            for name, value in task.argument_names(tuple(args), kwargs).items():
+                try:
+                    dumps(value)
+                except SerializationError as failed:
+                    raise SerializationError(
+                        f"argument {name!r} of {task.name}: {failed}; nothing was stored"
+                    ) from exc
+            raise
         limit = self.settings.max_payload
         if len(payload) > limit and len(payload.encode()) > limit:
             raise PayloadTooLarge(
@@ -243,9 +282,7 @@ class Reliable:
             if not isinstance(idempotency_key, str) or not (
                 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH
             ):
-                raise ConfigError(
-                    "idempotency_key", f"expected 1 to 255 characters, got {idempotency_key!r}"
-                )
+                raise ConfigError("idempotency_key", _bad_key(idempotency_key))
             if fingerprint is None:
                 fingerprint = hashlib.sha256(payload.encode()).hexdigest()
             claim = IdempotencyClaim(
@@ -397,3 +434,11 @@ class Reliable:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _bad_key(key: object) -> str:
+    """Why ``key`` is not an idempotency key, without echoing a long one in full."""
+    if not isinstance(key, str):
+        return f"expected a string of 1 to 255 characters, got {type(key).__name__}"
+    shown = repr(key) if len(key) <= 40 else f"{key[:32]!r}... ({len(key)} characters)"
+    return f"expected 1 to 255 characters, got {shown}"

@@ -10,21 +10,87 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from importlib import metadata
+from types import ModuleType
 from typing import Any
 
 from .app import Reliable
-from .errors import ReliableError
+from .durations import parse_duration
+from .errors import ConfigError, ReliableError
 from .store import Store
 
 
-def locate(spec: str) -> Reliable:
-    """Find the ``Reliable`` of an application given as ``module:attribute``.
+def _attribute(value: object, name: str) -> Any:
+    try:
+        return getattr(value, name, None)
+    except Exception:  # proxies such as flask.request raise outside their context
+        return None
 
-    The attribute may be the ``Reliable`` itself or a web application carrying one
-    (``app.extensions["reliable"]`` in Flask; in Starlette ``app.state.reliable``, or the
-    ``reliable=`` argument of the app's ``ReliableMiddleware``).
-    Without ``:attribute`` the module's only ``Reliable`` is used.
+
+def _candidates(target: object) -> Iterator[object]:
+    yield target
+    yield _attribute(target, "reliable")
+    extensions = _attribute(target, "extensions")
+    if isinstance(extensions, Mapping):
+        yield extensions.get("reliable")
+    yield _attribute(_attribute(target, "state"), "reliable")
+    # Starlette builds its middleware on first use; until then the Reliable is an
+    # argument of ``Middleware(ReliableMiddleware, reliable=rel)``.
+    middlewares = _attribute(target, "user_middleware")
+    for middleware in middlewares if isinstance(middlewares, list | tuple) else ():
+        kwargs = _attribute(middleware, "kwargs")
+        if isinstance(kwargs, Mapping):
+            yield kwargs.get("reliable")
+
+
+def carried(target: object) -> Reliable | None:
+    """The ``Reliable`` that ``target`` is or carries, else ``None``.
+
+    Carriers: a ``ReliableFlask`` (``.reliable``), a Flask app (``app.extensions
+    ["reliable"]``), a Starlette or FastAPI app (``app.state.reliable``, or the
+    ``reliable=`` argument of its ``ReliableMiddleware``).
+    """
+    for candidate in _candidates(target):
+        if isinstance(candidate, Reliable):
+            return candidate
+        inner = _attribute(candidate, "reliable")
+        if isinstance(inner, Reliable):
+            return inner
+    return None
+
+
+def _only_reliable(module: ModuleType) -> Reliable:
+    holders: dict[int, tuple[Reliable, list[str]]] = {}
+    for name, value in vars(module).items():
+        if name.startswith("__") or isinstance(value, ModuleType | type):
+            continue
+        rel = carried(value)
+        if rel is not None:
+            holders.setdefault(id(rel), (rel, []))[1].append(name)
+    example = f"{module.__name__}:attribute"
+    if not holders:
+        raise ReliableError(
+            f"{module.__name__} holds no Reliable, nor an application that carries one; "
+            f"name it as {example}"
+        )
+    if len(holders) > 1:
+        groups = "; ".join(" = ".join(names) for _, names in holders.values())
+        raise ReliableError(
+            f"{module.__name__} holds {len(holders)} different Reliable objects ({groups}); "
+            f"name the one to use as {example}"
+        )
+    [(rel, _)] = holders.values()
+    return rel
+
+
+def locate(spec: str) -> Reliable:
+    """Find the ``Reliable`` of an application given as ``module:attribute`` or ``module``.
+
+    The attribute may be the ``Reliable`` itself or anything carrying one (see
+    ``carried``): a ``ReliableFlask``, a Flask app, a Starlette or FastAPI app.
+    Without ``:attribute`` the module's variables are searched the same way; they must
+    lead to exactly one ``Reliable``. Raises ``ReliableError`` saying what to change.
     """
     module_name, _, attribute = spec.partition(":")
     if os.getcwd() not in sys.path:
@@ -34,34 +100,17 @@ def locate(spec: str) -> Reliable:
     except ImportError as exc:
         raise ReliableError(f"cannot import {module_name!r}: {exc}") from exc
     if not attribute:
-        found = [value for value in vars(module).values() if isinstance(value, Reliable)]
-        if len(found) != 1:
-            raise ReliableError(f"{module_name} has {len(found)} Reliable objects; name one")
-        return found[0]
+        return _only_reliable(module)
     target: Any = module
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
             raise ReliableError(f"{module_name} has no attribute {attribute!r}") from None
-    for candidate in (
-        target,
-        getattr(target, "reliable", None),
-        getattr(getattr(target, "extensions", None) or {}, "get", lambda _: None)("reliable"),
-        getattr(getattr(target, "state", None), "reliable", None),
-        # Starlette builds its middleware on first use; until then the Reliable is an
-        # argument of ``Middleware(ReliableMiddleware, reliable=rel)``.
-        *(
-            getattr(middleware, "kwargs", {}).get("reliable")
-            for middleware in getattr(target, "user_middleware", ())
-        ),
-    ):
-        if isinstance(candidate, Reliable):
-            return candidate
-        inner = getattr(candidate, "reliable", None)
-        if isinstance(inner, Reliable):
-            return inner
-    raise ReliableError(f"{spec} is not a Reliable, nor an application that carries one")
+    found = carried(target)
+    if found is None:
+        raise ReliableError(f"{spec} is not a Reliable, nor an application that carries one")
+    return found
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -118,32 +167,111 @@ def run_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reliable", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number >= {minimum}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
 
-    worker = commands.add_parser("worker", help="run jobs in this process until SIGTERM")
-    worker.add_argument("app", help="module:attribute of the application or its Reliable")
-    worker.add_argument("--threads", type=int, default=None, help="default RELIABLE_WORKER_THREADS")
-    worker.add_argument("--queues", default=None, help="comma-separated; default: every queue")
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text, name="--grace")
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"must be a duration >= 0 (seconds, or such as 30s or 2m), got {text!r}"
+        ) from None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("reliable")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+APP_HELP = (
+    "the application as module:attribute, where the attribute is its Reliable or a "
+    "Flask, Starlette or FastAPI app carrying one; module alone will do when it leads "
+    "to a single Reliable"
+)
+DATABASE_URL_HELP = "database URL (default: RELIABLE_DATABASE_URL, else sqlite:///reliable.db)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``reliable`` command line, with plain-text help for every command."""
+    parser = argparse.ArgumentParser(
+        prog="reliable",
+        description=(
+            "Run and operate the durable background jobs of an application that uses "
+            "reliable. Settings come from RELIABLE_* environment variables; options "
+            "given here win over them."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"reliable {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def add_command(
+        group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+    ) -> argparse.ArgumentParser:
+        return group.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+    worker = add_command(
+        commands, "worker", "run the application's jobs in this process until SIGTERM or Ctrl-C"
+    )
+    worker.add_argument("app", help=APP_HELP)
     worker.add_argument(
-        "--grace", type=float, default=None, help="seconds to finish running jobs on SIGTERM"
+        "--threads",
+        metavar="N",
+        type=_whole_number(1),
+        default=None,
+        help="worker threads, at least 1 (default: RELIABLE_WORKER_THREADS, else 4)",
+    )
+    worker.add_argument(
+        "--queues",
+        metavar="NAMES",
+        default=None,
+        help="comma-separated queues to take jobs from (default: all)",
+    )
+    worker.add_argument(
+        "--grace",
+        metavar="DURATION",
+        type=_seconds,
+        default=None,
+        help=(
+            "how long running jobs may take to finish once asked to stop, in seconds or "
+            "such as 30s (default: RELIABLE_SHUTDOWN_GRACE, else 30)"
+        ),
     )
     worker.set_defaults(run=run_worker)
 
-    db = commands.add_parser("db", help="database schema")
-    db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_upgrade = db_commands.add_parser("upgrade", help="apply the migrations")
-    db_upgrade.add_argument("--database-url", default=None, help="default RELIABLE_DATABASE_URL")
-    db_upgrade.add_argument("--app", default=None, help="module:attribute to take the URL from")
+    db = add_command(commands, "db", "manage the database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="command")
+    db_upgrade = add_command(
+        db_commands, "upgrade", "bring the database schema to this version's revision"
+    )
+    db_upgrade.add_argument("--database-url", default=None, help=DATABASE_URL_HELP)
+    db_upgrade.add_argument(
+        "--app", default=None, help="take the database URL from this application instead"
+    )
     db_upgrade.set_defaults(run=run_db_upgrade)
 
-    jobs = commands.add_parser("jobs", help="inspect jobs")
-    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
-    show = jobs_commands.add_parser("show", help="print one job as JSON")
-    show.add_argument("job_id")
-    show.add_argument("--database-url", default=None)
-    show.add_argument("--app", default=None)
+    jobs = add_command(commands, "jobs", "inspect jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="command")
+    show = add_command(jobs_commands, "show", "print one job as JSON")
+    show.add_argument("job_id", help="the job's id")
+    show.add_argument("--database-url", default=None, help=DATABASE_URL_HELP)
+    show.add_argument(
+        "--app", default=None, help="take the database URL and tasks from this application"
+    )
     show.set_defaults(run=run_jobs_show)
     return parser
 

@@ -18,6 +18,13 @@ class ConfigError(ReliableError, ValueError):
         self.name = name
 
 
+class ConfigWarning(UserWarning):
+    """A ``RELIABLE_*`` environment variable looks like a misspelt setting.
+
+    The variable is not read; the warning names the setting it probably means.
+    """
+
+
 class SerializationError(ReliableError, TypeError):
     """A value cannot be stored as JSON (job arguments, results, step values)."""
 

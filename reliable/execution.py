@@ -13,6 +13,7 @@ import json
 import logging
 import traceback
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import tenacity
@@ -89,9 +90,12 @@ def failure(
     now = app.clock.now()
     error = error_document(exc)
     limit = max_attempts(app, task) if task is not None else 1 + app.settings.retries
+    what = f"job {job.id} ({job.task}): attempt {job.attempt} of {limit} failed"
     if retry and job.attempt < limit:
         if delay is None:
             delay = backoff_seconds(task, job.attempt, exc) if task is not None else 1.0
+        at = datetime.fromtimestamp(now + delay, tz=timezone.utc).isoformat(timespec="seconds")
+        log.warning("%s: %s; next attempt in %.1fs, at %s", what, _brief(exc), delay, at)
         return Outcome(
             job.id,
             job.attempt,
@@ -104,6 +108,8 @@ def failure(
             job.task,
             limits=job.limits,
         )
+    reason = "no attempts left" if retry or job.attempt >= limit else "not retried"
+    log.error("%s: %s; %s, the job failed", what, _brief(exc), reason, exc_info=exc)
     return Outcome(
         job.id,
         job.attempt,
@@ -115,6 +121,13 @@ def failure(
         task=job.task,
         limits=job.limits,
     )
+
+
+def _brief(exc: BaseException) -> str:
+    message = str(exc)
+    if len(message) > 500:
+        message = message[:500] + "..."
+    return f"{type(exc).__qualname__}: {message}" if message else type(exc).__qualname__
 
 
 def timed_out(app: Reliable, job: ClaimedJob, timeout: float) -> Outcome:

@@ -166,7 +166,10 @@ class JobHandle(Generic[R]):
     def wait(self, timeout: float | None = None) -> JobInfo:
         """Block until the job is terminal; return its ``JobInfo``.
 
-        Raises ``JobTimeout`` after ``timeout`` seconds (``None``: wait for ever).
+        Raises ``JobTimeout`` after ``timeout`` seconds (``None``: wait for ever); its
+        message says so when no worker could have run the job: none runs in this
+        process, and none has renewed its heartbeat in the database within
+        ``RELIABLE_LEASE_SECONDS``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.005
@@ -177,17 +180,41 @@ class JobHandle(Generic[R]):
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise JobTimeout(self.id, timeout or 0.0)
+                    raise self._timed_out(timeout or 0.0)
                 pause = min(pause, remaining)
             # Woken at once by a worker in this process; other processes are polled.
             self.app.store.wait_for_change(pause)
             pause = min(pause * 2, 0.25)
 
+    def _timed_out(self, timeout: float) -> JobTimeout:
+        error = JobTimeout(self.id, timeout)
+        hint = self._no_worker_hint()
+        if hint is not None:
+            # JobTimeout's message is built from its fields; the hint is added to it.
+            error.args = (f"{error}: {hint}",)
+        return error
+
+    def _no_worker_hint(self) -> str | None:
+        """Why nobody ran the job, when nobody could have: no worker runs in this
+        process and none has renewed its heartbeat within a lease period."""
+        worker = self.app.worker
+        if worker is not None and worker.running:
+            return None
+        within = self.app.settings.lease_seconds
+        if self.app.store.live_workers(self.app.clock.now(), within):
+            return None
+        return (
+            "no worker runs in this process and none has renewed its heartbeat in the "
+            f"database for {within:g} s; start one with rel.start_worker(), or run "
+            "`reliable worker module:rel`"
+        )
+
     def result(self, timeout: float | None = None) -> R:
         """Wait for the job and return the task's return value.
 
         Raises ``JobFailed`` (with the last error) if it failed, ``JobCancelled`` if it
-        was cancelled, ``JobTimeout`` if it is not finished within ``timeout`` seconds.
+        was cancelled, ``JobTimeout`` if it is not finished within ``timeout`` seconds
+        (see ``wait``).
         """
         info = self.wait(timeout)
         if info.status == "failed":

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Callable, Mapping
+import threading
+import warnings
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .durations import parse_duration
-from .errors import ConfigError
+from .errors import ConfigError, ConfigWarning
+
+PREFIX = "RELIABLE_"
+# RELIABLE_TASK_<NAME>_<OPTION> are per-task overrides (see overrides.py), not settings.
+TASK_PREFIX = "RELIABLE_TASK_"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -95,6 +102,42 @@ def _setting(default: Any, parse: Callable[[Any, str], Any]) -> Any:
     return field(default=default, metadata={"parse": parse})
 
 
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_about_misspellings(environ: Mapping[str, str], variables: Collection[str]) -> None:
+    """Warn (``ConfigWarning``) about each ``RELIABLE_*`` variable in ``environ`` that is
+    not one of ``variables`` but close to one, naming the closest; once per variable
+    and process.
+
+    Variables close to none (an application's own ``RELIABLE_SOMETHING``) and per-task
+    overrides (``RELIABLE_TASK_*``) are left alone.
+    """
+    by_suffix = {variable.removeprefix(PREFIX): variable for variable in variables}
+    for variable in environ:
+        if (
+            not variable.startswith(PREFIX)
+            or variable.startswith(TASK_PREFIX)
+            or variable in variables
+        ):
+            continue
+        # Comparing without the shared prefix keeps unrelated names from looking close.
+        close = difflib.get_close_matches(variable.removeprefix(PREFIX), by_suffix, n=1)
+        if not close:
+            continue
+        with _warned_lock:
+            if variable in _warned:
+                continue
+            _warned.add(variable)
+        warnings.warn(
+            f"{variable} is not a setting of reliable and is ignored; "
+            f"did you mean {by_suffix[close[0]]}?",
+            ConfigWarning,
+            stacklevel=4,
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of a ``Reliable`` instance, resolved once at construction.
@@ -119,22 +162,29 @@ class Settings:
     dashboard_token: str | None = _setting(None, _optional_text)
     redact_headers: tuple[str, ...] = _setting((), _header_names)
     sqlite_synchronous: str = _setting("FULL", _synchronous)
+    auto_migrate: bool = _setting(True, _bool)
 
     @classmethod
     def load(
         cls, explicit: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
     ) -> Settings:
-        """Resolve every setting: ``explicit`` (non-``None`` values) beats the environment."""
+        """Resolve every setting: ``explicit`` (non-``None`` values) beats the environment.
+
+        Raises ``ConfigError`` naming the argument or variable with a bad value; warns
+        (``ConfigWarning``) about a ``RELIABLE_*`` variable that looks like a misspelt
+        setting.
+        """
         explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
         environ = os.environ if environ is None else environ
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(explicit) - known)
         if unknown:
             raise ConfigError(unknown[0], "is not a setting of Reliable")
+        warn_about_misspellings(environ, {PREFIX + name.upper() for name in known})
         values: dict[str, Any] = {}
         for f in fields(cls):
             parse = f.metadata["parse"]
-            variable = f"RELIABLE_{f.name.upper()}"
+            variable = PREFIX + f.name.upper()
             if f.name in explicit:
                 values[f.name] = parse(explicit[f.name], f.name)
             elif variable in environ:

@@ -129,6 +129,10 @@ class Task(Generic[P, R]):
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
         self.__wrapped__ = fn
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(fn)
+        except (TypeError, ValueError):  # a callable without one: arguments go unchecked
+            self.signature = None
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -145,10 +149,12 @@ class Task(Generic[P, R]):
         ``idempotency_key`` function), a second enqueue within ``RELIABLE_IDEMPOTENCY_TTL``
         returns the first job instead of creating one.
 
-        Raises ``SerializationError`` when an argument cannot be stored as JSON, and
-        ``IdempotencyConflict`` when the key was used with other arguments. Nothing is
-        stored in either case.
+        Raises ``TypeError`` when the arguments do not fit the function's signature,
+        ``SerializationError`` naming the argument that cannot be stored as JSON,
+        ``PayloadTooLarge`` past ``RELIABLE_MAX_PAYLOAD``, and ``IdempotencyConflict``
+        when the key was used with other arguments. Nothing is stored in any case.
         """
+        self.check_call(args, kwargs)
         if idempotency_key is None and self.options.idempotency_key is not None:
             idempotency_key = str(self.options.idempotency_key(*args, **kwargs))
         flow = plan(
@@ -157,6 +163,21 @@ class Task(Generic[P, R]):
             lambda key, option: resolve_call_key(key, option, self.fn, args, kwargs),
         )
         return self.app._enqueue_call(self, list(args), kwargs, idempotency_key, flow)
+
+    def check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise ``TypeError`` now for arguments a worker could never call ``fn`` with."""
+        if self.signature is None:
+            return
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}: {exc}; nothing was stored") from None
+
+    def argument_names(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by parameter name (positions where there is none)."""
+        if self.signature is not None:
+            return dict(self.signature.bind(*args, **kwargs).arguments)
+        return {**{f"#{i}": value for i, value in enumerate(args)}, **kwargs}
 
     def invoke(self, payload: dict[str, Any]) -> Any:
         """Run the function with a stored payload; a coroutine for ``async def`` tasks."""

@@ -42,6 +42,7 @@ from .execution import (
     timeout_of,
 )
 from .leases import LeaseKeeper
+from .logs import install_default_handler
 from .store import AttemptStates, ClaimedJob, Outcome
 from .store.sqlite import CHANGE_CHECK_SECONDS, ChangeWatch
 
@@ -164,6 +165,8 @@ class Worker:
     def start(self) -> Worker:
         if self._dispatcher is not None:
             raise RuntimeError("this worker was started already")
+        install_default_handler()
+        self.store.hold()
         self.store.add_waker(self.wake)
         if self.store.dialect == "postgresql":
             from .store.postgres import Listener
@@ -718,8 +721,7 @@ class Worker:
             self._listener.close()  # type: ignore[attr-defined]
         if self._watch is not None:
             self._watch.close()
-        if self.store.closed:  # closed while this worker finished its last attempts
-            self.store.engine.dispose()
+        self.store.let_go()
         atexit.unregister(self._exit_hook)
         self._released.set()
         log.info("worker %s stopped", self.id)

@@ -1,8 +1,9 @@
 """Fixtures: every storage test runs on a real SQLite file and on the real PostgreSQL.
 
-PostgreSQL tests need ``RELIABLE_TEST_POSTGRES_URL`` (``.ci/run`` sets it, e.g.
-``postgresql://postgres@127.0.0.1:5432/reliable_test``; the database is created if
-missing). Without it they are skipped, except under ``CI=true`` where they fail.
+PostgreSQL comes from ``RELIABLE_TEST_POSTGRES_URL`` (``.ci/run`` sets it), or else
+from the local default ``postgresql://postgres@127.0.0.1:5432/reliable_test``; the
+database is created if missing. When neither is usable the PostgreSQL tests are
+skipped, and the run ends by saying how many and why; under ``CI=true`` they fail.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from reliable.store import Store
 from reliable.store.schema import metadata
 
 POSTGRES_ENV = "RELIABLE_TEST_POSTGRES_URL"
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/reliable_test"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Why the PostgreSQL tests were skipped, if they were; said again at the end of the run.
+_postgres_skipped: list[str] = []
 
 
 def _ensure_database(url: str) -> None:
@@ -51,15 +55,7 @@ def _drop_database(url: str) -> None:
 def postgres_url() -> Iterator[str]:
     """A database of this test run's own (``<name>_<pid>``), dropped at the end, so
     that runs at the same time on one server do not meet."""
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        message = (
-            f"PostgreSQL tests need {POSTGRES_ENV}, e.g. "
-            "postgresql://postgres@127.0.0.1:5432/reliable_test (bash .ci/run sets it)"
-        )
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    url = os.environ.get(POSTGRES_ENV) or LOCAL_POSTGRES
     parsed = make_url(url)
     url = parsed.set(database=f"{parsed.database}_{os.getpid()}").render_as_string(
         hide_password=False
@@ -68,9 +64,15 @@ def postgres_url() -> Iterator[str]:
         _ensure_database(url)
         Store(url, pool_size=1).close()  # bring the schema up to date once
     except Exception as exc:
+        message = f"PostgreSQL at {parsed.render_as_string()} is not usable: {exc}"
         if IN_CI:
-            pytest.fail(f"PostgreSQL at {url} is not usable: {exc}")
-        pytest.skip(f"PostgreSQL at {url} is not usable: {exc}")
+            pytest.fail(message)
+        reason = (
+            f"{message.splitlines()[0]}; start a server there, or point {POSTGRES_ENV} "
+            "at one (bash .ci/run does both)"
+        )
+        _postgres_skipped.append(reason)
+        pytest.skip(reason)
     yield url
     _drop_database(url)
 
@@ -105,3 +107,18 @@ def rel(db_url: str, clock: ManualClock) -> Iterator[Reliable]:
     app = Reliable(db_url, clock=clock, embedded_worker=False)
     yield app
     app.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say at the end of the run how many PostgreSQL tests were skipped, and why."""
+    if not _postgres_skipped:
+        return
+    skipped = [
+        report
+        for report in terminalreporter.stats.get("skipped", [])
+        if "postgres" in report.nodeid
+    ]
+    terminalreporter.write_sep("=", "PostgreSQL tests skipped", yellow=True)
+    terminalreporter.write_line(
+        f"{len(skipped)} PostgreSQL tests were skipped: {_postgres_skipped[0]}"
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -258,6 +259,11 @@ class Store:
         self._known_scopes: set[str] = set()  # concurrency counter rows that exist
         self._wakers: list[Callable[[], None]] = []
         self.closed = False
+        self._users = 0  # workers using this store (see hold)
+        self._users_lock = threading.Lock()
+        # A store dropped without close() still closes its connections, rather than
+        # leaving them to the garbage collector (which warns about each one).
+        weakref.finalize(self, self.engine.dispose)
         try:
             ensure_schema(self.engine, auto=auto_migrate)
         except DBAPIError as exc:
@@ -1035,8 +1041,35 @@ class Store:
             ).all()
         return {row[0]: int(row[1]) for row in rows}
 
+    def live_workers(self, now: float, within: float) -> int:
+        """How many workers have renewed their heartbeat in the last ``within`` seconds
+        before ``now``: the workers alive anywhere, as far as the database knows."""
+        with self._read() as connection:
+            count = connection.execute(
+                select(func.count())
+                .select_from(workers)
+                .where(workers.c.heartbeat_at >= now - within)
+            ).scalar_one()
+        return int(count)
+
+    def hold(self) -> None:
+        """A worker starts using this store: ``close`` leaves the connections to it."""
+        with self._users_lock:
+            self._users += 1
+
+    def let_go(self) -> None:
+        """A worker is done with this store; the last one closes it if ``close`` ran."""
+        with self._users_lock:
+            self._users -= 1
+            last = self._users == 0 and self.closed
+        if last:
+            self.engine.dispose()
+
     def close(self) -> None:
-        """Close the pooled connections. A worker still finishing attempts after this
-        closes again what it opened since, once it is done (see ``closed``)."""
-        self.closed = True
-        self.engine.dispose()
+        """Close the pooled connections, now, or when the last worker still finishing
+        its attempts is done with them."""
+        with self._users_lock:
+            self.closed = True
+            busy = self._users > 0
+        if not busy:
+            self.engine.dispose()

@@ -10,6 +10,8 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import URL
 
+from ..errors import ConfigError
+
 log = logging.getLogger("reliable.store")
 
 CHANNEL = "reliable_jobs"
@@ -17,7 +19,21 @@ insert = postgresql_insert
 
 
 def make_engine(url: URL, *, pool_size: int) -> Engine:
-    """An engine on the psycopg 3 driver, whatever driver the URL named."""
+    """An engine on the psycopg 3 driver, whatever driver the URL named.
+
+    Raises ``ConfigError`` (naming ``RELIABLE_DATABASE_URL``) saying what to install
+    when psycopg cannot be imported.
+    """
+    try:
+        import psycopg  # noqa: F401
+    except ImportError as exc:
+        # The postgres extra is optional; without it SQLAlchemy would fail later with a
+        # bare ModuleNotFoundError that does not say how to get the driver.
+        raise ConfigError(
+            "RELIABLE_DATABASE_URL",
+            f"{url.render_as_string(hide_password=True)} needs the psycopg driver, which "
+            f"cannot be imported ({exc}): pip install 'reliable[postgres]'",
+        ) from exc
     return create_engine(
         url.set(drivername="postgresql+psycopg"),
         pool_size=pool_size,

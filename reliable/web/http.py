@@ -34,6 +34,7 @@ class HttpResponse:
 
 PROBLEM_TITLES = {
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     413: "Content Too Large",
     422: "Unprocessable Content",
@@ -72,14 +73,17 @@ def status_url(prefix: str, job_id: str) -> str:
     return f"{prefix}/jobs/{job_id}"
 
 
-def accepted(job_id: str, prefix: str, *, replayed: bool = False) -> HttpResponse:
-    """``202 Accepted`` pointing at the job's status resource (SPEC §4)."""
+def accepted(
+    job_id: str, prefix: str, *, replayed: bool = False, status: str = "queued"
+) -> HttpResponse:
+    """``202 Accepted`` pointing at the job's status resource (SPEC §4); a replay says
+    the job's status as it is now."""
     url = status_url(prefix, job_id)
     headers = [("location", url), ("retry-after", "1")]
     if replayed:
         headers.append(("idempotent-replayed", "true"))
     return HttpResponse.json(
-        202, {"id": job_id, "status": "queued", "status_url": url}, headers=headers
+        202, {"id": job_id, "status": status, "status_url": url}, headers=headers
     )
 
 
@@ -125,5 +129,6 @@ def status_document(info: JobInfo, redact: Iterable[str] = ()) -> dict[str, Any]
         "started_at": _iso(info.started_at),
         "finished_at": _iso(info.finished_at),
         "result": served_result(info.result, redact) if info.status == "succeeded" else None,
-        "error": error if info.status == "failed" else None,
+        # The last failed attempt's error, also while the job is retried.
+        "error": error if info.status != "succeeded" else None,
     }

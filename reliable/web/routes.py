@@ -279,7 +279,8 @@ def admit(
         )
     except RateLimited as exc:
         return rate_limited(route, exc)
-    response = accepted(handle.id, app.settings.url_prefix, replayed=handle.replayed)
+    status = (app.store.get_status(handle.id) or "queued") if handle.replayed else "queued"
+    response = accepted(handle.id, app.settings.url_prefix, replayed=handle.replayed, status=status)
     response.headers += rate_limit_headers(route, handle.rates)
     return response
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import JobNotFound
@@ -18,8 +19,17 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_WAIT_SECONDS = 60.0
 
 
+# Decides whether the caller may ``read`` or ``cancel`` the job: built by an integration
+# around the application's hook (see ``Reliable.status_access``).
+Allow = Callable[[JobInfo, str], bool]
+
+
 def not_found(job_id: str) -> HttpResponse:
     return problem(404, f"no job with id {job_id!r}")
+
+
+def forbidden(job_id: str, action: str) -> HttpResponse:
+    return problem(403, f"you may not {action} job {job_id}", title="Forbidden")
 
 
 def parse_wait(raw: str | None) -> float | HttpResponse:
@@ -44,11 +54,16 @@ def _lookup(app: Reliable, job_id: str) -> JobInfo | None:
         return None
 
 
-def job_status(app: Reliable, job_id: str, wait: float = 0.0) -> HttpResponse:
-    """The job's status document, after waiting up to ``wait`` s for a terminal state."""
+def job_status(
+    app: Reliable, job_id: str, wait: float = 0.0, allow: Allow | None = None
+) -> HttpResponse:
+    """The job's status document, after waiting up to ``wait`` s for a terminal state;
+    403 when ``allow`` refuses the caller."""
     info = _lookup(app, job_id)
     if info is None:
         return not_found(job_id)
+    if allow is not None and not allow(info, "read"):
+        return forbidden(job_id, "read")
     if wait > 0 and not info.finished:
         deadline = time.monotonic() + wait
         pause = 0.01
@@ -59,11 +74,16 @@ def job_status(app: Reliable, job_id: str, wait: float = 0.0) -> HttpResponse:
     return HttpResponse.json(200, status_document(info, app.settings.redact_headers))
 
 
-async def job_status_async(app: Reliable, job_id: str, wait: float = 0.0) -> HttpResponse:
-    """``job_status`` for event loops: the database is read in a thread, waits are async."""
+async def job_status_async(
+    app: Reliable, job_id: str, wait: float = 0.0, allow: Allow | None = None
+) -> HttpResponse:
+    """``job_status`` for event loops: the database is read (and ``allow`` asked) in a
+    thread, waits are async."""
     info = await asyncio.to_thread(_lookup, app, job_id)
     if info is None:
         return not_found(job_id)
+    if allow is not None and not await asyncio.to_thread(allow, info, "read"):
+        return forbidden(job_id, "read")
     deadline = time.monotonic() + wait
     pause = 0.01
     while not info.finished and (remaining := deadline - time.monotonic()) > 0:
@@ -73,11 +93,14 @@ async def job_status_async(app: Reliable, job_id: str, wait: float = 0.0) -> Htt
     return HttpResponse.json(200, status_document(info, app.settings.redact_headers))
 
 
-def cancel_job(app: Reliable, job_id: str) -> HttpResponse:
-    """DELETE: cancel a job that has not finished; 409 if it already had."""
+def cancel_job(app: Reliable, job_id: str, allow: Allow | None = None) -> HttpResponse:
+    """DELETE: cancel a job that has not finished; 409 if it already had, 403 when
+    ``allow`` refuses the caller."""
     info = _lookup(app, job_id)
     if info is None:
         return not_found(job_id)
+    if allow is not None and not allow(info, "cancel"):
+        return forbidden(job_id, "cancel")
     if not app.cancel(job_id):
         return problem(409, f"job {job_id} has already finished ({info.status})", title="Conflict")
     document = status_document(app.get_job(job_id), app.settings.redact_headers)
