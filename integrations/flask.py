@@ -29,6 +29,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import is_running_from_reloader
 
 from reliable import ConfigError, Reliable, ReliableError, current_job
+from reliable.runtime import Runtime
 from reliable.web import (
     HttpResponse,
     RequestSnapshot,
@@ -209,14 +210,14 @@ def job_status_view(job_id: str) -> Response:
     if isinstance(wait, HttpResponse):
         return to_flask(wait)
     rel = _state(current_app).reliable
-    return to_flask(job_status(rel, job_id, wait, _allow(rel)))
+    return to_flask(job_status(rel.runtime, job_id, wait, _allow(rel)))
 
 
 @status_blueprint.delete("/jobs/<job_id>")
 def cancel_job_view(job_id: str) -> Response:
     """Cancel a job that has not finished; 409 when it already had."""
     rel = _state(current_app).reliable
-    return to_flask(cancel_job(rel, job_id, _allow(rel)))
+    return to_flask(cancel_job(rel.runtime, job_id, _allow(rel)))
 
 
 def _allow(rel: Reliable) -> Allow | None:
@@ -323,14 +324,15 @@ async def _already(response: Response) -> Response:
 class FlaskAdapter:
     """The ``Adapter`` (``reliable.web.routes``) for Flask, registered as ``"flask"``.
 
-    It remembers, weakly, which Flask apps ``init_app`` installed for each ``Reliable``:
-    a worker has no request to find the app from.
+    It remembers, weakly, which Flask apps ``init_app`` installed for each ``Reliable``
+    (by its runtime, which its routes know): a worker has no request to find the app
+    from.
     """
 
     name = "flask"
 
     def __init__(self) -> None:
-        self._apps: weakref.WeakKeyDictionary[Reliable, list[weakref.ref[Flask]]] = (
+        self._apps: weakref.WeakKeyDictionary[Runtime, list[weakref.ref[Flask]]] = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
@@ -338,8 +340,8 @@ class FlaskAdapter:
     def add_app(self, rel: Reliable, app: Flask) -> None:
         """Record that ``app`` serves the routes of ``rel``."""
         with self._lock:
-            refs = [ref for ref in self._apps.get(rel, []) if ref() is not None]
-            self._apps[rel] = [*refs, weakref.ref(app)]
+            refs = [ref for ref in self._apps.get(rel.runtime, []) if ref() is not None]
+            self._apps[rel.runtime] = [*refs, weakref.ref(app)]
 
     def app_for(self, route: RouteTask) -> Flask:
         """The Flask app that serves ``route``: the one routing to it, else the first.
@@ -347,7 +349,8 @@ class FlaskAdapter:
         Raises ``ReliableError`` when no app was installed for the route's ``Reliable``.
         """
         with self._lock:
-            apps = [app for ref in self._apps.get(route.app, []) if (app := ref()) is not None]
+            found = self._apps.get(route.runtime, [])
+            apps = [app for ref in found if (app := ref()) is not None]
         if not apps:
             raise ReliableError(
                 f"no Flask app serves {route.name} in this process: the module that calls "
@@ -365,13 +368,13 @@ class FlaskAdapter:
         """
         if not has_request_context():
             return NotImplemented
-        rel = route.app
         state = _state(current_app)
-        if state.reliable is not rel:
+        if state.reliable.runtime is not route.runtime:
             raise ReliableError(
-                f"{route.name} belongs to {rel!r}, but this app has ReliableFlask(app, "
-                f"{state.reliable!r})"
+                f"{route.name} belongs to another Reliable than this app's "
+                f"ReliableFlask(app, {state.reliable!r})"
             )
+        rel = state.reliable
         body = read_body(rel.settings.max_payload)
         if body is None:
             response = to_flask(too_large(rel.settings.max_payload))
@@ -383,9 +386,7 @@ class FlaskAdapter:
             if route.route.idempotency_scope is not None:
                 value = route.route.idempotency_scope(request)
                 scope = None if value is None else str(value)
-            decision = admit(
-                rel, route, snapshot, framework="flask", captured=captured, scope=scope
-            )
+            decision = admit(route, snapshot, framework="flask", captured=captured, scope=scope)
             response = to_flask(decision)
         if inspect.iscoroutinefunction(route.fn):
             return _already(response)  # the stand-in of an async view awaits its answer

@@ -36,6 +36,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reliable import Reliable, current_job
+from reliable.runtime import Runtime
 from reliable.web import (
     HttpResponse,
     RequestSnapshot,
@@ -131,7 +132,7 @@ class _Host:
     state: dict[str, Any] = field(default_factory=dict)  # what its lifespan yielded
 
 
-_HOSTS: weakref.WeakKeyDictionary[Reliable, _Host] = weakref.WeakKeyDictionary()
+_HOSTS: weakref.WeakKeyDictionary[Runtime, _Host] = weakref.WeakKeyDictionary()
 
 
 class ReliableMiddleware:
@@ -197,7 +198,8 @@ class ReliableMiddleware:
             caller = Request(scope)
             allow = lambda info, action: bool(hook(caller, info, action))  # noqa: E731
         if method == "DELETE":
-            return await anyio.to_thread.run_sync(cancel_job, self.reliable, job_id, allow)
+            runtime = self.reliable.runtime
+            return await anyio.to_thread.run_sync(cancel_job, runtime, job_id, allow)
         if method not in ("GET", "HEAD"):
             methods = [("allow", "GET, HEAD, DELETE")]
             return problem(
@@ -206,7 +208,7 @@ class ReliableMiddleware:
         wait = parse_wait(QueryParams(scope["query_string"]).get("wait"))
         if isinstance(wait, HttpResponse):
             return wait
-        return await job_status_async(self.reliable, job_id, wait, allow)
+        return await job_status_async(self.reliable.runtime, job_id, wait, allow)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_worker = False
@@ -245,9 +247,9 @@ class ReliableMiddleware:
         if app is None:
             return
         describe(app, self.reliable.settings.url_prefix)
-        host = _HOSTS.get(self.reliable)
+        host = _HOSTS.get(self.reliable.runtime)
         if host is None or host.app is not app:
-            _HOSTS[self.reliable] = host = _Host(app)
+            _HOSTS[self.reliable.runtime] = host = _Host(app)
         if state is not None:
             host.state = state
         app_state = getattr(app, "state", None)
@@ -397,11 +399,10 @@ class StarletteAdapter:
             given = [v for v in kwargs.values() if isinstance(v, Request)]
             request = given[0] if given else Request(incoming.scope, _replay(body))
             credentials = _credentials(route, request.scope.get("route"))
-        captured = await _call_hook(route.route.capture or route.app.capture_hook, request)
+        captured = await _call_hook(route.route.capture or route.runtime.capture_hook, request)
         caller = await _call_hook(route.route.idempotency_scope, request)
         decide = functools.partial(
             admit,
-            route.app,
             route,
             _snapshot(request.scope, body, arguments),
             framework=self.name,
@@ -460,7 +461,7 @@ def _credentials(route: RouteTask, api_route: Any) -> Credentials:
             dependant = getattr(_api_route(_host_of(route), route), "dependant", None)
         if dependant is None:
             return NO_CREDENTIALS
-        found = find_credentials(dependant, route.app.settings.redact_headers)
+        found = find_credentials(dependant, route.runtime.settings.redact_headers)
         _CREDENTIALS[route] = found
     return found
 
@@ -526,19 +527,24 @@ def _api_route(host: _Host | None, route: RouteTask) -> Any:
 def _host_of(route: RouteTask) -> _Host | None:
     """The app serving ``route``: seen by a middleware, or else (a standalone worker)
     the Starlette app in the endpoint's module that carries its Reliable."""
-    host = _HOSTS.get(route.app)
+    host = _HOSTS.get(route.runtime)
     module = sys.modules.get(route.fn.__module__)
     for value in list(vars(module).values()) if host is None and module else ():
-        if isinstance(value, Starlette) and _carries(value, route.app):
-            host = _HOSTS.setdefault(route.app, _Host(value))
+        if isinstance(value, Starlette) and _carries(value, route.runtime):
+            host = _HOSTS.setdefault(route.runtime, _Host(value))
     return host
 
 
-def _carries(app: Starlette, rel: Reliable) -> bool:
-    return getattr(app.state, "reliable", None) is rel or any(
-        getattr(m, "cls", None) is ReliableMiddleware and m.kwargs.get("reliable") is rel
-        for m in app.user_middleware
-    )
+def _carries(app: Starlette, runtime: Runtime) -> bool:
+    carried = [
+        getattr(app.state, "reliable", None),
+        *(
+            m.kwargs.get("reliable")
+            for m in app.user_middleware
+            if getattr(m, "cls", None) is ReliableMiddleware
+        ),
+    ]
+    return any(isinstance(rel, Reliable) and rel.runtime is runtime for rel in carried)
 
 
 register_adapter(StarletteAdapter())

@@ -20,7 +20,8 @@ from .errors import (
     StoreError,
     UnknownTask,
 )
-from .jobs import AttemptInfo, JobHandle, JobInfo, JobStatus, StepInfo
+from .handles import JobHandle
+from .jobs import AttemptInfo, JobInfo, JobStatus, StepInfo
 from .limits import Concurrency, Debounce, RateLimit, Throttle
 from .serialization import register_type
 from .settings import Settings

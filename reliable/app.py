@@ -1,32 +1,29 @@
-"""``Reliable``: the registry of tasks, the store, and the workers of one application."""
+"""``Reliable``: the façade of one application: its tasks and routes, its jobs, its workers.
+
+Built on a ``Registry`` (the tasks) and its ``Runtime`` (settings, clock, store); the
+parts underneath receive those, and never this class."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
 from .clock import Clock, SystemClock
-from .context import CANCELLED, AttemptControl
-from .errors import (
-    ConfigError,
-    IdempotencyConflict,
-    JobNotFound,
-    PayloadTooLarge,
-    SerializationError,
-)
+from .errors import ConfigError
 from .execution import after_failure, attempt_control, run_attempt
-from .jobs import AttemptInfo, JobHandle, JobInfo, StepInfo
+from .handles import JobHandle
+from .jobs import AttemptInfo, JobInfo, StepInfo
 from .limits import FlowPlan
-from .overrides import apply_overrides
+from .registry import Registry
+from .runtime import Runtime, StatusAccess
 from .serialization import dumps
 from .settings import Settings
-from .store import IdempotencyClaim, NewJob, Store
-from .tasks import DEFAULT_QUEUE, Task, TaskOptions
+from .store import Store
+from .tasks import Task, TaskOptions
+from .web.routes import offload as offload_route
 from .worker import Worker, new_worker_id
 
 P = ParamSpec("P")
@@ -34,13 +31,8 @@ R = TypeVar("R")
 
 log = logging.getLogger("reliable")
 
-# May the caller (a framework request) read or cancel this job? See ``status_access``.
-StatusAccess = Callable[[Any, JobInfo, str], bool]
 
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
-
-
-class Reliable:
+class Reliable(Registry):
     """Durable execution for one application.
 
     Every setting (see ``Settings``) comes from its ``RELIABLE_*`` environment variable
@@ -64,35 +56,38 @@ class Reliable:
         auto_migrate: bool | None = None,
         **settings: Any,
     ) -> None:
-        self.settings = Settings.load(
-            {"database_url": database_url, "auto_migrate": auto_migrate, **settings}
+        runtime = Runtime(
+            Settings.load({"database_url": database_url, "auto_migrate": auto_migrate, **settings}),
+            clock or SystemClock(),
         )
-        self.clock: Clock = clock or SystemClock()
-        self.tasks: dict[str, Task[Any, Any]] = {}
-        self._store: Store | None = None
+        super().__init__(runtime)
         self._lock = threading.RLock()
         self._worker: Worker | None = None
         self._inline_worker_id = new_worker_id()
-        self._inline: dict[str, AttemptControl] = {}  # attempts of run_until_idle
-        self.capture_hook: Callable[[Any], Any] | None = None
-        self.status_hook: StatusAccess | None = None
 
     def __repr__(self) -> str:
         return f"<Reliable {self.settings.database_url}>"
 
     @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    @property
+    def clock(self) -> Clock:
+        return self.runtime.clock
+
+    @property
     def store(self) -> Store:
         """The job store, opened (and its schema upgraded) on first use."""
-        if self._store is None:
-            with self._lock:
-                if self._store is None:
-                    self._store = Store(
-                        self.settings.database_url,
-                        pool_size=self.settings.worker_threads + 4,
-                        sqlite_synchronous=self.settings.sqlite_synchronous,
-                        auto_migrate=self.settings.auto_migrate,
-                    )
-        return self._store
+        return self.runtime.store
+
+    @property
+    def capture_hook(self) -> Callable[[Any], Any] | None:
+        return self.runtime.capture_hook
+
+    @property
+    def status_hook(self) -> StatusAccess | None:
+        return self.runtime.status_hook
 
     # -- tasks --------------------------------------------------------------------------
 
@@ -118,7 +113,7 @@ class Reliable:
         """
 
         def decorate(function: Callable[P, R]) -> Task[P, R]:
-            task = Task(self, function, TaskOptions.build(function, **options))
+            task = Task(self.runtime, function, TaskOptions.build(function, **options))
             self.register(task)
             return task
 
@@ -151,11 +146,9 @@ class Reliable:
         request carries; with it, by its value alone, so that a retry whose session
         cookie or token changed still finds its job.
         """
-        from .web.routes import offload
-
         if fn is None:
-            return lambda function: offload(self, function, **options)
-        return offload(self, fn, **options)
+            return lambda function: offload_route(self, function, **options)
+        return offload_route(self, fn, **options)
 
     def status_access(self, fn: StatusAccess) -> StatusAccess:
         """Decide who may read and cancel jobs through the status resource.
@@ -170,7 +163,7 @@ class Reliable:
         whose identity the capture hook stored (``current_job().captured``, not in
         ``JobInfo``) cancel.
         """
-        self.status_hook = fn
+        self.runtime.status_hook = fn
         return fn
 
     def capture(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -183,67 +176,10 @@ class Reliable:
         A FastAPI parameter withheld for carrying credentials gets, in the worker, the
         value under its name when ``fn`` returns a dict, else ``None``.
         """
-        self.capture_hook = fn
+        self.runtime.capture_hook = fn
         return fn
 
-    def register(self, task: Task[Any, Any]) -> None:
-        """Add a task to this application; its name must be unused.
-
-        ``RELIABLE_TASK_<NAME>_<OPTION>`` environment variables override the
-        decorator's ``concurrency``, ``rate_limit``, ``throttle``, ``priority``,
-        ``retries`` and ``timeout``; a bad value raises ``ConfigError`` naming the
-        variable.
-        """
-        task.options = apply_overrides(task.options, os.environ)
-        existing = self.tasks.get(task.name)
-        if existing is not None and existing.fn is not task.fn:
-            raise ConfigError(
-                "name",
-                f"a task named {task.name!r} is already registered "
-                f"({existing.fn.__module__}.{existing.fn.__qualname__}); pass name=...",
-            )
-        self.tasks[task.name] = task
-
-    def limited_at_claim(self) -> bool:
-        """Whether any task here has a concurrency cap or a throttle (checked at claim)."""
-        return any(task.options.flow.limited_at_claim for task in self.tasks.values())
-
-    def rate_limited(self) -> bool:
-        """Whether any task here has a rate limit (its admissions are pruned by workers)."""
-        return any(task.options.flow.rate_limits for task in self.tasks.values())
-
-    def queues(self) -> list[str]:
-        """Every queue a registered task uses (and ``default``)."""
-        return sorted({DEFAULT_QUEUE, *(task.options.queue for task in self.tasks.values())})
-
     # -- jobs ---------------------------------------------------------------------------
-
-    def _enqueue_call(
-        self,
-        task: Task[Any, Any],
-        args: list[Any],
-        kwargs: dict[str, Any],
-        idempotency_key: str | None,
-        flow: FlowPlan,
-    ) -> JobHandle[Any]:
-        try:
-            payload = dumps({"args": args, "kwargs": kwargs})
-        except SerializationError as exc:
-            for name, value in task.argument_names(tuple(args), kwargs).items():
-                try:
-                    dumps(value)
-                except SerializationError as failed:
-                    raise SerializationError(
-                        f"argument {name!r} of {task.name}: {failed}; nothing was stored"
-                    ) from exc
-            raise
-        limit = self.settings.max_payload
-        if len(payload) > limit and len(payload.encode()) > limit:
-            raise PayloadTooLarge(
-                f"the arguments of {task.name} take {len(payload.encode())} bytes as JSON, "
-                f"more than RELIABLE_MAX_PAYLOAD ({limit}); nothing was stored"
-            )
-        return self.enqueue_payload(task, payload, idempotency_key=idempotency_key, flow=flow)
 
     def enqueue_payload(
         self,
@@ -262,52 +198,17 @@ class Reliable:
         job's flow control with its keys resolved. Raises ``RateLimited`` when a rate
         limit refuses the job (nothing is stored).
         """
-        flow = flow or FlowPlan()
-        now = self.clock.now()
-        job = NewJob(
-            id=uuid.uuid4().hex,
-            task=task.name,
-            queue=task.options.queue,
-            priority=task.options.priority,
-            payload=payload,
-            run_at=now,
-            created_at=now,
+        return task.enqueue_payload(
+            payload,
             idempotency_key=idempotency_key,
-            limits=flow.limits,
-            rate_limits=flow.rate_limits,
-            debounce=flow.debounce,
-        )
-        claim = None
-        if idempotency_key is not None:
-            if not isinstance(idempotency_key, str) or not (
-                0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH
-            ):
-                raise ConfigError("idempotency_key", _bad_key(idempotency_key))
-            if fingerprint is None:
-                fingerprint = hashlib.sha256(payload.encode()).hexdigest()
-            claim = IdempotencyClaim(
-                scope=idempotency_scope or f"task:{task.name}",
-                key=idempotency_key,
-                fingerprint=fingerprint,
-                expires_at=now + self.settings.idempotency_ttl,
-            )
-        result = self.store.enqueue(job, claim, now)
-        if result.replayed and result.fingerprint != fingerprint:
-            raise IdempotencyConflict(idempotency_key or "", result.job_id)
-        return JobHandle(
-            self,
-            result.job_id,
-            created=result.created,
-            replayed=result.replayed,
-            rates=result.rates,
+            idempotency_scope=idempotency_scope,
+            fingerprint=fingerprint,
+            flow=flow,
         )
 
     def get_job(self, job_id: str) -> JobInfo:
         """A snapshot of the job; raises ``JobNotFound``."""
-        row = self.store.get_job(job_id)
-        if row is None:
-            raise JobNotFound(job_id)
-        return JobInfo.from_row(row)
+        return self.runtime.get_job(job_id)
 
     def flow_state(self) -> dict[str, list[dict[str, Any]]]:
         """Concurrency slots in use and rate-limit windows, per task and key value.
@@ -339,7 +240,7 @@ class Reliable:
 
     def job(self, job_id: str) -> JobHandle[Any]:
         """A handle on an existing job."""
-        return JobHandle(self, job_id)
+        return JobHandle(self.runtime, job_id)
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not finished; return false if it had already finished.
@@ -351,17 +252,7 @@ class Reliable:
         worker of this process learns of it at once, one elsewhere within
         ``CANCEL_CHECK_SECONDS`` (or at its next step). Raises ``JobNotFound``.
         """
-        if self.store.get_status(job_id) is None:
-            raise JobNotFound(job_id)
-        cancelled = self.store.cancel(job_id, self.clock.now())
-        if cancelled:
-            inline = self._inline.get(job_id)
-            if inline is not None:
-                inline.stop(CANCELLED)
-            worker = self._worker
-            if worker is not None:
-                worker.cancelled([job_id])
-        return cancelled
+        return self.runtime.cancel(job_id)
 
     # -- running jobs -------------------------------------------------------------------
 
@@ -378,7 +269,7 @@ class Reliable:
                 threads=threads or self.settings.worker_threads,
                 queues=queues,
             )
-            self._worker = worker
+            self._worker = self.runtime.worker = worker
         return worker.start()
 
     def stop_worker(self, timeout: float | None = None, *, exiting: bool = False) -> None:
@@ -390,6 +281,7 @@ class Reliable:
         """
         with self._lock:
             worker, self._worker = self._worker, None
+            self.runtime.worker = None
         if worker is not None:
             worker.stop(timeout, exiting=exiting)
 
@@ -418,11 +310,11 @@ class Reliable:
             if not claimed.jobs:
                 return ran
             job = claimed.jobs[0]
-            control = self._inline[job.id] = attempt_control(self, job)
+            control = self.runtime.inline[job.id] = attempt_control(self, job)
             try:
                 outcome = run_attempt(self, job, control)
             finally:
-                del self._inline[job.id]
+                del self.runtime.inline[job.id]
             discarded = self.store.settle(worker_id, [outcome])
             if outcome.status == "failed" and job.id not in discarded:
                 after_failure(self, job.id, job.task)
@@ -431,14 +323,4 @@ class Reliable:
     def close(self) -> None:
         """Stop the worker and release database connections."""
         self.stop_worker()
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
-
-def _bad_key(key: object) -> str:
-    """Why ``key`` is not an idempotency key, without echoing a long one in full."""
-    if not isinstance(key, str):
-        return f"expected a string of 1 to 255 characters, got {type(key).__name__}"
-    shown = repr(key) if len(key) <= 40 else f"{key[:32]!r}... ({len(key)} characters)"
-    return f"expected 1 to 255 characters, got {shown}"
+        self.runtime.close()

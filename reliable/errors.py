@@ -70,12 +70,15 @@ class JobCancelled(ReliableError):
 
 
 class JobTimeout(ReliableError, TimeoutError):
-    """Waiting for a job's result took longer than the caller allowed."""
+    """Waiting for a job's result took longer than the caller allowed; ``detail`` says
+    why, when it is known (no worker could have run it)."""
 
-    def __init__(self, job_id: str, timeout: float) -> None:
-        super().__init__(f"job {job_id} did not finish within {timeout:g} s")
+    def __init__(self, job_id: str, timeout: float, *, detail: str | None = None) -> None:
+        message = f"job {job_id} did not finish within {timeout:g} s"
+        super().__init__(f"{message}: {detail}" if detail else message)
         self.job_id = job_id
         self.timeout = timeout
+        self.detail = detail
 
 
 class RateLimited(ReliableError):

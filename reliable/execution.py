@@ -14,7 +14,7 @@ import logging
 import traceback
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tenacity
 
@@ -28,14 +28,12 @@ from .context import (
     _current,
 )
 from .errors import NonRetriable, ReliableError, RetryAfter, SerializationError, UnknownTask
+from .registry import Registry
 from .serialization import dumps, loads
 from .steps import StepRunner, Suspend, _runner
 from .store import ClaimedJob, Outcome
-from .store.flow import parse as parse_limits
+from .store.scopes import parse as parse_limits
 from .tasks import Task
-
-if TYPE_CHECKING:
-    from .app import Reliable
 
 log = logging.getLogger("reliable.worker")
 
@@ -60,13 +58,17 @@ def error_document(exc: BaseException) -> str:
     )
 
 
-def max_attempts(app: Reliable, task: Task[Any, Any]) -> int:
+def max_attempts(registry: Registry, task: Task[Any, Any]) -> int:
     retries = task.options.retries
-    return 1 + (app.settings.retries if retries is None else retries)
+    return 1 + (registry.runtime.settings.retries if retries is None else retries)
 
 
-def timeout_of(app: Reliable, task: Task[Any, Any]) -> float | None:
-    return task.options.timeout if task.options.timeout is not None else app.settings.timeout
+def timeout_of(registry: Registry, task: Task[Any, Any]) -> float | None:
+    return (
+        task.options.timeout
+        if task.options.timeout is not None
+        else registry.runtime.settings.timeout
+    )
 
 
 def backoff_seconds(task: Task[Any, Any], attempt: int, exc: BaseException) -> float:
@@ -78,7 +80,7 @@ def backoff_seconds(task: Task[Any, Any], attempt: int, exc: BaseException) -> f
 
 
 def failure(
-    app: Reliable,
+    registry: Registry,
     task: Task[Any, Any] | None,
     job: ClaimedJob,
     exc: BaseException,
@@ -87,9 +89,11 @@ def failure(
     delay: float | None = None,
 ) -> Outcome:
     """The outcome of a failed attempt: a retry while attempts remain, else ``failed``."""
-    now = app.clock.now()
+    now = registry.runtime.clock.now()
     error = error_document(exc)
-    limit = max_attempts(app, task) if task is not None else 1 + app.settings.retries
+    limit = (
+        max_attempts(registry, task) if task is not None else 1 + registry.runtime.settings.retries
+    )
     what = f"job {job.id} ({job.task}): attempt {job.attempt} of {limit} failed"
     if retry and job.attempt < limit:
         if delay is None:
@@ -130,18 +134,18 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__qualname__}: {message}" if message else type(exc).__qualname__
 
 
-def timed_out(app: Reliable, job: ClaimedJob, timeout: float) -> Outcome:
+def timed_out(registry: Registry, job: ClaimedJob, timeout: float) -> Outcome:
     """The outcome of an attempt that overran ``timeout``; its late result is discarded."""
-    task = app.tasks.get(job.task)
+    task = registry.tasks.get(job.task)
     exc = AttemptTimeout(f"the attempt exceeded its timeout of {timeout:g} s")
-    return failure(app, task, job, exc, retry=True)
+    return failure(registry, task, job, exc, retry=True)
 
 
-def stopped(app: Reliable, job: ClaimedJob, reason: str, timeout: float | None) -> Outcome:
+def stopped(registry: Registry, job: ClaimedJob, reason: str, timeout: float | None) -> Outcome:
     """The outcome of an attempt that ended because it was told to stop (``reason``)."""
-    now = app.clock.now()
+    now = registry.runtime.clock.now()
     if reason == TIMED_OUT:
-        return timed_out(app, job, timeout or 0.0)
+        return timed_out(registry, job, timeout or 0.0)
     if reason == CANCELLED:
         return Outcome(
             job.id, job.attempt, "cancelled", job.started_at, now, task=job.task, limits=job.limits
@@ -168,37 +172,39 @@ def released(job: ClaimedJob, now: float, *, status: str = "queued") -> Outcome:
     )
 
 
-def attempt_control(app: Reliable, job: ClaimedJob) -> AttemptControl:
+def attempt_control(registry: Registry, job: ClaimedJob) -> AttemptControl:
     """The stop signal of an attempt of ``job`` starting now, with its deadline."""
-    task = app.tasks.get(job.task)
-    timeout = timeout_of(app, task) if task is not None else None
+    task = registry.tasks.get(job.task)
+    timeout = timeout_of(registry, task) if task is not None else None
     deadline = None if timeout is None else job.started_at + timeout
-    return AttemptControl(job.id, app.clock, deadline)
+    return AttemptControl(job.id, registry.runtime.clock, deadline)
 
 
-def run_attempt(app: Reliable, job: ClaimedJob, control: AttemptControl | None = None) -> Outcome:
+def run_attempt(
+    registry: Registry, job: ClaimedJob, control: AttemptControl | None = None
+) -> Outcome:
     """Run one attempt of ``job`` in this thread and return what should happen next.
 
     ``control`` tells the attempt to stop (default: a control with the task's
     deadline). A function that returns after its attempt was told to stop has its
     result discarded: the outcome follows from why it was stopped.
     """
-    task = app.tasks.get(job.task)
+    task = registry.tasks.get(job.task)
     exc: ReliableError
     if task is None:
         exc = UnknownTask(f"task {job.task!r} is not registered in this worker")
-        return failure(app, None, job, exc, retry=True)
-    if job.attempt > max_attempts(app, task):
+        return failure(registry, None, job, exc, retry=True)
+    if job.attempt > max_attempts(registry, task):
         # The previous attempt was lost with its worker and it was the last one allowed.
         exc = ReliableError(f"no attempts left after attempt {job.attempt - 1} was lost")
-        return failure(app, task, job, exc, retry=False)
+        return failure(registry, task, job, exc, retry=False)
 
-    timeout = timeout_of(app, task)
-    control = control or attempt_control(app, job)
+    timeout = timeout_of(registry, task)
+    control = control or attempt_control(registry, job)
     keys = dict(parse_limits(job.limits).keys) if job.limits else {}
     context = JobContext(job.id, task.name, job.attempt, job.queue, keys, control=control)
     token = _current.set(context)
-    steps_token = _runner.set(StepRunner(app, job, control))
+    steps_token = _runner.set(StepRunner(registry.runtime, job, control))
     try:
         payload = loads(job.payload)
         if isinstance(payload, dict) and payload.get("captured") is not None:
@@ -209,12 +215,12 @@ def run_attempt(app: Reliable, job: ClaimedJob, control: AttemptControl | None =
             value = run_coroutine(value, control)
         reason = control.why()
         if reason is not None and reason != SHUTDOWN:  # it returned, but too late
-            return stopped(app, job, reason, timeout)
+            return stopped(registry, job, reason, timeout)
         result = dumps(value)
     except StopAttempt as stop:
-        return stopped(app, job, stop.reason, timeout)
+        return stopped(registry, job, stop.reason, timeout)
     except Suspend as suspended:
-        now = app.clock.now()
+        now = registry.runtime.clock.now()
         return Outcome(
             job.id,
             job.attempt,
@@ -228,17 +234,17 @@ def run_attempt(app: Reliable, job: ClaimedJob, control: AttemptControl | None =
             limits=job.limits,
         )
     except RetryAfter as exc:
-        return failure(app, task, job, exc, retry=True, delay=exc.seconds)
+        return failure(registry, task, job, exc, retry=True, delay=exc.seconds)
     except NonRetriable as exc:
-        return failure(app, task, job, exc, retry=False)
+        return failure(registry, task, job, exc, retry=False)
     except SerializationError as exc:
         # Storing the result (or reading the payload) will not work any better next time.
-        return failure(app, task, job, exc, retry=False)
+        return failure(registry, task, job, exc, retry=False)
     except Exception as exc:
         reason = control.why()
         if reason is not None and reason != SHUTDOWN:
-            return stopped(app, job, reason, timeout)
-        return failure(app, task, job, exc, retry=isinstance(exc, task.options.retry_on))
+            return stopped(registry, job, reason, timeout)
+        return failure(registry, task, job, exc, retry=isinstance(exc, task.options.retry_on))
     finally:
         _runner.reset(steps_token)
         _current.reset(token)
@@ -247,7 +253,7 @@ def run_attempt(app: Reliable, job: ClaimedJob, control: AttemptControl | None =
         job.attempt,
         "succeeded",
         job.started_at,
-        app.clock.now(),
+        registry.runtime.clock.now(),
         result,
         task=job.task,
         limits=job.limits,
@@ -284,13 +290,13 @@ def run_coroutine(coro: Any, control: AttemptControl) -> Any:
     return asyncio.run(bounded())
 
 
-def after_failure(app: Reliable, job_id: str, task_name: str) -> None:
+def after_failure(registry: Registry, job_id: str, task_name: str) -> None:
     """Run the task's ``on_failure`` hook once the job's failure is committed."""
-    task = app.tasks.get(task_name)
+    task = registry.tasks.get(task_name)
     if task is None or task.options.on_failure is None:
         return
     try:
-        info = app.get_job(job_id)
+        info = registry.runtime.get_job(job_id)
         if info.status == "failed":  # not one cancelled while its last attempt ran
             task.options.on_failure(info)
     except Exception:

@@ -16,17 +16,15 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from .context import CANCELLED, LEASE_LOST, AttemptControl, StopAttempt
 from .durations import Duration, parse_duration
 from .errors import ReliableError
+from .runtime import Runtime
 from .serialization import dumps, loads
+from .store import ClaimedJob
 from .store.steps import StepRow, WaitRow
-
-if TYPE_CHECKING:
-    from .app import Reliable
-    from .store import ClaimedJob
 
 T = TypeVar("T")
 
@@ -55,7 +53,7 @@ class Suspend(BaseException):
 class StepRunner:
     """The steps of the running attempt: loaded once, then kept in memory."""
 
-    app: Reliable
+    runtime: Runtime
     job: ClaimedJob
     control: AttemptControl
     done: dict[str, StepRow] | None = None
@@ -63,7 +61,7 @@ class StepRunner:
 
     def stored(self) -> dict[str, StepRow]:
         if self.done is None:
-            self.done = self.app.store.load_steps(self.job.id)
+            self.done = self.runtime.store.load_steps(self.job.id)
         return self.done
 
     def claim_name(self, name: str) -> int:
@@ -80,7 +78,7 @@ class StepRunner:
         """Record ``row`` while the attempt holds its lease; a cancel that came
         meanwhile keeps the step (not a wait) and stops the attempt here."""
         job = self.job
-        state = self.app.store.record_step(job.attempt, job.lease_owner, row, wait)
+        state = self.runtime.store.record_step(job.attempt, job.lease_owner, row, wait)
         if state is None:
             self.stop(LEASE_LOST)
         if wait is None or state == "running":
@@ -122,7 +120,7 @@ def _record(
             outcome.get("result"),
             outcome.get("error"),
             started,
-            runner.app.clock.now(),
+            runner.runtime.clock.now(),
         )
     )
 
@@ -151,7 +149,7 @@ def step(name: str, fn: Callable[..., T], *args: Any, retries: int = 0, **kwargs
     if done is not None:
         stored: T = loads(done.result or "null")
         return stored
-    started = runner.app.clock.now()
+    started = runner.runtime.clock.now()
     tries = _previous_attempts(runner, name)
     for remaining in range(retries, -1, -1):
         tries += 1
@@ -181,7 +179,7 @@ async def _step_async(
     if done is not None:
         stored: T = loads(done.result or "null")
         return stored
-    started = runner.app.clock.now()
+    started = runner.runtime.clock.now()
     tries = _previous_attempts(runner, name)
     for remaining in range(retries, -1, -1):
         tries += 1
@@ -213,7 +211,7 @@ def sleep(name: str, duration: Duration) -> None:
     """
     runner = _current("sleep")
     seconds = parse_duration(duration, name="duration")
-    _sleep(runner, name, lambda: runner.app.clock.now() + seconds)
+    _sleep(runner, name, lambda: runner.runtime.clock.now() + seconds)
 
 
 def sleep_until(name: str, when: datetime | float) -> None:
@@ -233,7 +231,7 @@ def _sleep(runner: StepRunner, name: str, wake_at: Callable[[], float]) -> None:
     row = runner.stored().get(name)
     if row is not None and row.status == "succeeded":
         return
-    now = runner.app.clock.now()
+    now = runner.runtime.clock.now()
     if row is None:
         at = wake_at()
         runner.save(
@@ -249,7 +247,7 @@ def _sleep(runner: StepRunner, name: str, wake_at: Callable[[], float]) -> None:
 
 def _end_wait(runner: StepRunner, name: str, result: str | None, now: float) -> None:
     job = runner.job
-    state = runner.app.store.end_wait(job.id, job.attempt, job.lease_owner, name, result, now)
+    state = runner.runtime.store.end_wait(job.id, job.attempt, job.lease_owner, name, result, now)
     if state is None:
         runner.stop(LEASE_LOST)
     stored = runner.stored().get(name)
@@ -287,7 +285,7 @@ def wait_for_event(
     row = runner.stored().get(name)
     if row is not None and row.status == "succeeded":
         return None if row.result is None else loads(row.result)
-    now = runner.app.clock.now()
+    now = runner.runtime.clock.now()
     if row is None:
         expires = None if timeout is None else now + parse_duration(timeout, name="timeout")
         new = WaitRow(runner.job.id, name, event, dumps(match) if match else None, now, expires)
@@ -295,7 +293,7 @@ def wait_for_event(
             StepRow(runner.job.id, name, position, "waiting", 1, None, None, now, None), new
         )
         raise Suspend(FOREVER if expires is None else expires, waits=True)
-    wait = runner.app.store.get_wait(runner.job.id, name)
+    wait = runner.runtime.store.get_wait(runner.job.id, name)
     if wait is None:  # delivered between our read and now: read it again
         runner.done = None
         fresh = runner.stored().get(name)

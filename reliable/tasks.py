@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import tenacity
 
 from .durations import Duration, parse_duration
-from .errors import ConfigError
-from .limits import FlowOptions, plan, resolve_call_key
-from .serialization import register_annotations
-
-if TYPE_CHECKING:
-    from .app import Reliable
-    from .jobs import JobHandle, JobInfo
+from .errors import ConfigError, IdempotencyConflict, PayloadTooLarge, SerializationError
+from .handles import JobHandle
+from .jobs import JobInfo
+from .limits import FlowOptions, FlowPlan, plan, resolve_call_key
+from .runtime import Runtime
+from .serialization import dumps, register_annotations
+from .store import IdempotencyClaim, NewJob
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -26,6 +28,7 @@ IdempotencyKeyFunction = Callable[..., str]
 FailureHook = Callable[["JobInfo"], object]
 
 DEFAULT_QUEUE = "default"
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
 FLOW_OPTIONS = frozenset({"concurrency", "rate_limit", "throttle", "debounce", "key", "max_wait"})
 
 
@@ -119,9 +122,9 @@ class Task(Generic[P, R]):
     decode them.
     """
 
-    def __init__(self, app: Reliable, fn: Callable[P, R], options: TaskOptions) -> None:
+    def __init__(self, runtime: Runtime, fn: Callable[P, R], options: TaskOptions) -> None:
         register_annotations(fn)
-        self.app = app
+        self.runtime = runtime
         self.fn = fn
         self.options = options
         self.name = options.name
@@ -162,7 +165,88 @@ class Task(Generic[P, R]):
             self.options.flow,
             lambda key, option: resolve_call_key(key, option, self.fn, args, kwargs),
         )
-        return self.app._enqueue_call(self, list(args), kwargs, idempotency_key, flow)
+        payload = self.encode(args, kwargs)
+        return self.enqueue_payload(payload, idempotency_key=idempotency_key, flow=flow)
+
+    def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The call as the job's JSON payload; raises ``SerializationError`` naming the
+        argument that cannot be stored, ``PayloadTooLarge`` past the limit."""
+        try:
+            payload = dumps({"args": list(args), "kwargs": kwargs})
+        except SerializationError as exc:
+            for name, value in self.argument_names(args, kwargs).items():
+                try:
+                    dumps(value)
+                except SerializationError as failed:
+                    raise SerializationError(
+                        f"argument {name!r} of {self.name}: {failed}; nothing was stored"
+                    ) from exc
+            raise
+        limit = self.runtime.settings.max_payload
+        if len(payload) > limit and len(payload.encode()) > limit:
+            raise PayloadTooLarge(
+                f"the arguments of {self.name} take {len(payload.encode())} bytes as JSON, "
+                f"more than RELIABLE_MAX_PAYLOAD ({limit}); nothing was stored"
+            )
+        return payload
+
+    def enqueue_payload(
+        self,
+        payload: str,
+        *,
+        idempotency_key: str | None = None,
+        idempotency_scope: str | None = None,
+        fingerprint: str | None = None,
+        flow: FlowPlan | None = None,
+    ) -> JobHandle[R]:
+        """Commit a job of this task with an already-encoded JSON ``payload``.
+
+        ``idempotency_scope`` defaults to the task; ``fingerprint`` (default: a hash of
+        the payload) tells a replay from a conflicting reuse of the key. ``flow`` is the
+        job's flow control with its keys resolved. Raises ``RateLimited`` when a rate
+        limit refuses the job, ``IdempotencyConflict`` for a key used with another
+        payload, ``ConfigError`` for a malformed key (nothing is stored).
+        """
+        flow = flow or FlowPlan()
+        runtime = self.runtime
+        now = runtime.clock.now()
+        job = NewJob(
+            id=uuid.uuid4().hex,
+            task=self.name,
+            queue=self.options.queue,
+            priority=self.options.priority,
+            payload=payload,
+            run_at=now,
+            created_at=now,
+            idempotency_key=idempotency_key,
+            limits=flow.limits,
+            rate_limits=flow.rate_limits,
+            debounce=flow.debounce,
+        )
+        claim = None
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not (
+                0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+            ):
+                raise ConfigError("idempotency_key", _bad_key(idempotency_key))
+            if fingerprint is None:
+                fingerprint = hashlib.sha256(payload.encode()).hexdigest()
+            claim = IdempotencyClaim(
+                scope=idempotency_scope or f"task:{self.name}",
+                key=idempotency_key,
+                fingerprint=fingerprint,
+                expires_at=now + runtime.settings.idempotency_ttl,
+            )
+        result = runtime.store.enqueue(job, claim, now)
+        if result.replayed and result.fingerprint != fingerprint:
+            raise IdempotencyConflict(idempotency_key or "", result.job_id)
+        return JobHandle(
+            runtime,
+            result.job_id,
+            created=result.created,
+            replayed=result.replayed,
+            rates=result.rates,
+        )
 
     def check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise ``TypeError`` now for arguments a worker could never call ``fn`` with."""
@@ -182,3 +266,11 @@ class Task(Generic[P, R]):
     def invoke(self, payload: dict[str, Any]) -> Any:
         """Run the function with a stored payload; a coroutine for ``async def`` tasks."""
         return self.fn(*payload.get("args", ()), **payload.get("kwargs", {}))
+
+
+def _bad_key(key: object) -> str:
+    """Why ``key`` is not an idempotency key, without echoing a long one in full."""
+    if not isinstance(key, str):
+        return f"expected a string of 1 to 255 characters, got {type(key).__name__}"
+    shown = repr(key) if len(key) <= 40 else f"{key[:32]!r}... ({len(key)} characters)"
+    return f"expected 1 to 255 characters, got {shown}"

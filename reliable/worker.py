@@ -16,7 +16,6 @@ the others keep working, and it is reported in the log until it returns.
 from __future__ import annotations
 
 import atexit
-import collections
 import logging
 import os
 import queue
@@ -27,11 +26,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING
 
-from .context import CANCELLED, LEASE_LOST, SHUTDOWN, TIMED_OUT, AttemptControl
+from .context import CANCELLED, LEASE_LOST, SHUTDOWN
 from .errors import StoreError
 from .execution import (
     after_failure,
@@ -41,13 +39,13 @@ from .execution import (
     run_attempt,
     timeout_of,
 )
+from .handover import Running, SlotHandOver
 from .leases import LeaseKeeper
 from .logs import install_default_handler
+from .overruns import Overruns
+from .registry import Registry
 from .store import AttemptStates, ClaimedJob, Outcome
 from .store.sqlite import CHANGE_CHECK_SECONDS, ChangeWatch
-
-if TYPE_CHECKING:
-    from .app import Reliable
 
 log = logging.getLogger("reliable.worker")
 
@@ -63,33 +61,6 @@ RIDERS_PER_SLOT = PREFETCH_PER_THREAD
 # batches: when a thread is about to idle, or when the oldest finished attempt has
 # waited this long.
 SETTLE_DELAY_SECONDS = 0.05
-
-
-@dataclass(eq=False)
-class _Slot:
-    """A slot of each scope of a concurrency group, held by this worker's attempts one
-    after another. ``valid`` turns false when the database no longer counts it (the
-    attempt holding it lost its lease): then it is not handed on again."""
-
-    group: str
-    valid: bool = True
-
-
-@dataclass
-class _Running:
-    job: ClaimedJob
-    timeout: float | None
-    started: float | None = None  # time.monotonic() when a thread began the attempt
-    slot: _Slot | None = None
-    control: AttemptControl | None = None
-    overdue: bool = False  # told to stop at its timeout; its thread was replaced
-    reported: float = 0.0  # time.monotonic() it was last reported still running
-
-    @property
-    def deadline(self) -> float | None:
-        if self.timeout is None or self.started is None or self.overdue:
-            return None
-        return self.started + self.timeout
 
 
 def new_worker_id() -> str:
@@ -112,30 +83,29 @@ class Worker:
     gives them back at once).
     """
 
-    def __init__(self, app: Reliable, *, threads: int, queues: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, registry: Registry, *, threads: int, queues: Sequence[str] | None = None
+    ) -> None:
         if threads < 1:
             raise ValueError("a worker needs at least one thread")
-        self.app = app
-        self.store = app.store
+        self.registry = registry
+        self.runtime = runtime = registry.runtime
+        self.store = runtime.store
         self.threads = threads
         # None: the queues of every registered task, also those registered later.
         self._queues = tuple(queues) if queues else None
         self.id = new_worker_id()
-        self.started_at = app.clock.now()
+        self.started_at = runtime.clock.now()
         self._cond = threading.Condition()
         self._finished: list[Outcome] = []
         self._finished_since = 0.0  # time.monotonic() of the oldest unsettled outcome
-        self._running: dict[str, _Running] = {}
-        self._overdue = 0  # attempts past their timeout whose threads were replaced
-        # Slot hand-overs (see RIDERS_PER_SLOT): valid slots held per group, riders
-        # waiting per group, slots of finished attempts not yet settled and not handed
-        # on, and slots handed on whose transfer has not been settled yet.
-        self._slots: dict[str, int] = {}
-        self._riders: dict[str, collections.deque[ClaimedJob]] = {}
-        self._vacant: dict[str, list[tuple[_Slot, Outcome]]] = {}
-        self._inherited: dict[str, _Slot] = {}
-        self._stranded: list[tuple[str, int]] = []  # riders left without a slot: release
+        self._running: dict[str, Running] = {}
         self._work: queue.SimpleQueue[ClaimedJob | Callable[[], None] | None] = queue.SimpleQueue()
+        # Slots handed on between this worker's attempts (see RIDERS_PER_SLOT).
+        self._handover = SlotHandOver(self._running, self._work.put)
+        self._overruns = Overruns(
+            self._running, self._start_executor, runtime.settings.lease_seconds
+        )
         self._wanted = True  # there may be due jobs: claim when a thread is idle
         self._wakes = 0  # counts wake() calls, so a claim cannot swallow a newer one
         self._next_due: float | None = None  # monotonic time of a retry this worker scheduled
@@ -153,7 +123,7 @@ class Worker:
 
     @property
     def queues(self) -> tuple[str, ...]:
-        return self._queues or tuple(self.app.queues())
+        return self._queues or tuple(self.registry.queues())
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -176,9 +146,9 @@ class Worker:
             self._watch = ChangeWatch(str(self.store.url.database))
         self._keeper = LeaseKeeper(
             self.store,
-            self.app.clock,
+            self.runtime.clock,
             self.id,
-            self.app.settings.lease_seconds,
+            self.runtime.settings.lease_seconds,
             self._held,
             self._learn,
             {
@@ -210,7 +180,7 @@ class Worker:
         ``exiting``: the process ends right after, and the threads still running with
         it: their jobs are given back now.
         """
-        grace = self.app.settings.shutdown_grace if timeout is None else timeout
+        grace = self.runtime.settings.shutdown_grace if timeout is None else timeout
         with self._cond:
             if not self._stopping:
                 self._stopping = True
@@ -257,13 +227,8 @@ class Worker:
 
     def overdue(self) -> list[tuple[str, int, float]]:
         """Attempts running past their timeout: (job id, attempt, seconds over)."""
-        now = time.monotonic()
         with self._cond:
-            return [
-                (r.job.id, r.job.attempt, now - r.started - (r.timeout or 0.0))
-                for r in self._running.values()
-                if r.overdue and r.started is not None
-            ]
+            return self._overruns.listed(time.monotonic())
 
     def release_leftovers(self) -> None:
         """At interpreter exit: give back at once the jobs this worker still holds
@@ -274,7 +239,7 @@ class Worker:
         if not leftovers:
             return
         try:
-            count = self.store.release(self.id, leftovers, self.app.clock.now())
+            count = self.store.release(self.id, leftovers, self.runtime.clock.now())
             self.store.remove_worker(self.id)
         except StoreError as exc:
             log.warning("worker %s: could not give back its jobs at exit (%s)", self.id, exc)
@@ -300,7 +265,7 @@ class Worker:
                 if running.started is None:
                     del self._running[job_id]  # recovered elsewhere: its slots went with it
                     if running.slot is not None:
-                        self._drop(running.slot)
+                        self._handover.drop(running.slot)
                 elif running.control is not None and running.control.stop(LEASE_LOST):
                     log.warning(
                         "job %s: attempt %d lost its lease; it stops at its next step",
@@ -309,13 +274,13 @@ class Worker:
                     )
             self._cond.notify_all()
 
-    def _cancel(self, running: _Running) -> None:
+    def _cancel(self, running: Running) -> None:
         """(With the lock held.) A job cancelled: drop it if it has not started."""
         job = running.job
         if running.started is None:
             del self._running[job.id]
-            outcome = released(job, self.app.clock.now(), status="cancelled")
-            self._add_finished(self._hand_on(running, outcome))
+            outcome = released(job, self.runtime.clock.now(), status="cancelled")
+            self._add_finished(self._handover.hand_on(running, outcome))
         elif running.control is not None and running.control.stop(CANCELLED):
             log.info(
                 "job %s: cancelled while attempt %d runs; it stops at its next step",
@@ -350,33 +315,28 @@ class Worker:
                 if running is None or running.job.attempt != item.attempt:
                     continue  # given back, or cancelled, before it started
                 running.started = began = time.monotonic()
-                job = replace(item, started_at=self.app.clock.now())
-                control = running.control = attempt_control(self.app, job)
+                job = replace(item, started_at=self.runtime.clock.now())
+                control = running.control = attempt_control(self.registry, job)
             try:
-                outcome = run_attempt(self.app, job, control)
+                outcome = run_attempt(self.registry, job, control)
             except BaseException as exc:
-                outcome = failure(self.app, self.app.tasks.get(job.task), job, exc, retry=True)
+                outcome = failure(
+                    self.registry, self.registry.tasks.get(job.task), job, exc, retry=True
+                )
             with self._cond:
                 running = self._running.pop(job.id, None)
-                self._add_finished(self._hand_on(running, outcome))
+                self._add_finished(self._handover.hand_on(running, outcome))
                 self._cond.notify_all()
                 if running is not None and running.overdue:
                     # A replacement thread took this one's place when it overran.
-                    self._overdue -= 1
-                    log.warning(
-                        "job %s: attempt %d returned %.1fs after its timeout; its slots and "
-                        "lease are given back now",
-                        job.id,
-                        job.attempt,
-                        time.monotonic() - began - (running.timeout or 0.0),
-                    )
+                    self._overruns.returned(running, time.monotonic())
                     return
                 self._average_runtime += 0.1 * (time.monotonic() - began - self._average_runtime)
 
     # -- the dispatcher -------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        settings = self.app.settings
+        settings = self.runtime.settings
         lease = settings.lease_seconds
         now = time.monotonic()
         next_recovery = now + random.uniform(0, lease / 2)
@@ -398,7 +358,7 @@ class Worker:
                         break
                     if idle and self._next_due is not None and now >= self._next_due:
                         break
-                    wait_until = min(next_recovery, next_poll, self._next_report(now))
+                    wait_until = min(next_recovery, next_poll, self._overruns.report(now))
                     if self._next_due is not None:
                         wait_until = min(wait_until, self._next_due)
                     for running in self._running.values():
@@ -425,12 +385,12 @@ class Worker:
                 if self._stopping and not self._draining and now >= self._grace_deadline:
                     self._drain()
                 finished, self._finished = self._finished, []
-                kept = self._vacate(keep=self._average_runtime < SHORT_JOB_SECONDS)
-                self._expire_deadlines(now)
-                unstarted, self._stranded = self._stranded, []
+                kept = self._handover.vacate(keep=self._average_runtime < SHORT_JOB_SECONDS)
+                self._overruns.expire(now)
+                unstarted, self._handover.stranded = self._handover.stranded, []
                 if self._stopping:
                     # Claimed ahead but not begun: give them back now, not after the grace.
-                    self._riders.clear()
+                    self._handover.riders.clear()
                     for job_id, running in list(self._running.items()):
                         if running.started is None:
                             del self._running[job_id]
@@ -451,7 +411,7 @@ class Worker:
                         self._next_due = None
             try:
                 if unstarted:
-                    self.store.release(self.id, unstarted, self.app.clock.now())
+                    self.store.release(self.id, unstarted, self.runtime.clock.now())
                 if finished or wanted > 0:
                     self._claim(finished, wanted, kept)
                 finished = []
@@ -475,12 +435,12 @@ class Worker:
 
     def _recover(self) -> None:
         """Requeue the jobs of dead workers, and repair what races may have left."""
-        now = self.app.clock.now()
+        now = self.runtime.clock.now()
         woken = bool(self.store.recover_expired(now))
         woken |= bool(self.store.wake_orphaned_sleepers(now))
-        if self.app.limited_at_claim():
+        if self.registry.limited_at_claim():
             woken |= bool(self.store.sweep_parked())
-        if self.app.rate_limited():
+        if self.registry.rate_limited():
             self.store.prune_rate_events(now)
         if woken:
             self.wake()
@@ -489,20 +449,20 @@ class Worker:
         with self._cond:
             wakes = self._wakes
             short = self._average_runtime < SHORT_JOB_SECONDS
-            held = {g: self._slots.get(g, 0) + kept.get(g, 0) for g in {*self._slots, *kept}}
+            held = self._handover.held(kept)
             budget = {
-                group: RIDERS_PER_SLOT * count - len(self._riders.get(group, ()))
+                group: RIDERS_PER_SLOT * count - len(self._handover.riders.get(group, ()))
                 for group, count in held.items()
             }
         result = self.store.claim(
             self.id,
             self.queues,
             max(wanted, 0),
-            self.app.clock.now(),
-            self.app.settings.lease_seconds,
+            self.runtime.clock.now(),
+            self.runtime.settings.lease_seconds,
             finished,
-            tasks=list(self.app.tasks),
-            limited=self.app.limited_at_claim(),
+            tasks=list(self.registry.tasks),
+            limited=self.registry.limited_at_claim(),
             held=held if short else None,
             riders={g: n for g, n in budget.items() if n > 0} if short else None,
             riders_per_slot=RIDERS_PER_SLOT if short else 0,
@@ -514,20 +474,14 @@ class Worker:
                     "job %s: late result of attempt %d discarded", outcome.job_id, outcome.attempt
                 )
             elif outcome.status == "failed":
-                self._work.put(partial(after_failure, self.app, outcome.job_id, outcome.task))
+                self._work.put(partial(after_failure, self.registry, outcome.job_id, outcome.task))
             elif outcome.status in ("queued", "sleeping") and outcome.run_at is not None:
-                due = time.monotonic() + max(0.0, outcome.run_at - self.app.clock.now())
+                due = time.monotonic() + max(0.0, outcome.run_at - self.runtime.clock.now())
                 with self._cond:
                     if self._next_due is None or due < self._next_due:
                         self._next_due = due
         with self._cond:
-            for job_id in result.orphans:
-                orphaned = self._inherited.get(job_id)
-                if orphaned is not None:
-                    self._drop(orphaned)
-            for outcome in finished:
-                if outcome.heir is not None:
-                    self._inherited.pop(outcome.heir[0], None)
+            self._handover.settled(finished, result.orphans)
             if (
                 wanted > 0
                 and len(result.jobs) < wanted
@@ -540,94 +494,18 @@ class Worker:
                 self._wanted = True  # a full batch: more may be due
             riders = []
             for job in result.jobs:
-                task = self.app.tasks.get(job.task)
-                timeout = timeout_of(self.app, task) if task is not None else None
-                running = self._running[job.id] = _Running(job, timeout)
+                task = self.registry.tasks.get(job.task)
+                timeout = timeout_of(self.registry, task) if task is not None else None
+                running = self._running[job.id] = Running(job, timeout)
                 if job.slot_group is None:
                     self._work.put(job)
                 elif job.holds_slots:
-                    running.slot = _Slot(job.slot_group)
-                    self._slots[job.slot_group] = self._slots.get(job.slot_group, 0) + 1
+                    self._handover.take(running)
                     self._work.put(job)
                 else:
                     riders.append(job)
             for job in riders:  # after the slots claimed with them are counted
-                self._board(job)
-
-    # -- concurrency slots handed on between attempts (called with the lock held) -------
-
-    def _board(self, rider: ClaimedJob) -> None:
-        """A rider takes a slot its group left vacant, waits for one, or goes back."""
-        group = rider.slot_group
-        assert group is not None
-        vacant = self._vacant.get(group)
-        if vacant:
-            slot, outcome = vacant.pop()
-            outcome.heir = (rider.id, rider.attempt)
-            self._give(slot, rider)
-        elif self._slots.get(group):
-            self._riders.setdefault(group, collections.deque()).append(rider)
-        else:  # the group's slots were lost meanwhile
-            del self._running[rider.id]
-            self._stranded.append((rider.id, rider.attempt))
-
-    def _give(self, slot: _Slot, rider: ClaimedJob) -> None:
-        self._running[rider.id].slot = slot
-        self._inherited[rider.id] = slot
-        self._work.put(rider)
-
-    def _hand_on(
-        self, running: _Running | None, outcome: Outcome, *, vacate: bool = True
-    ) -> Outcome:
-        """Give the slot of a finished attempt to the next rider of its group, if one
-        waits. Otherwise the slot is released when ``outcome`` settles; until then
-        (``vacate``) a rider claimed meanwhile may still take it over."""
-        slot = running.slot if running is not None else None
-        if slot is None or not slot.valid:
-            return outcome
-        waiting = self._riders.get(slot.group)
-        while waiting:
-            rider = waiting.popleft()
-            queued = self._running.get(rider.id)
-            if queued is not None and queued.job.attempt == rider.attempt:
-                self._give(slot, rider)
-                outcome.heir = (rider.id, rider.attempt)
-                return outcome
-        if vacate:
-            self._vacant.setdefault(slot.group, []).append((slot, outcome))
-        else:
-            self._drop(slot)
-        return outcome
-
-    def _vacate(self, *, keep: bool) -> dict[str, int]:
-        """Slots left vacant are settled with the finished attempts now: with ``keep``,
-        each goes to a rider of its group claimed in the same transaction if there is
-        one. Returns how many are kept per group."""
-        kept: dict[str, int] = {}
-        for group, vacant in self._vacant.items():
-            for slot, outcome in vacant:
-                self._drop(slot)
-                if keep:
-                    outcome.keep_slots = True
-                    kept[group] = kept.get(group, 0) + 1
-        self._vacant.clear()
-        return kept
-
-    def _drop(self, slot: _Slot) -> None:
-        """Stop counting ``slot`` as held; riders left with no slot of their group go back."""
-        if not slot.valid:
-            return
-        slot.valid = False
-        left = self._slots.get(slot.group, 0) - 1
-        if left > 0:
-            self._slots[slot.group] = left
-            return
-        self._slots.pop(slot.group, None)
-        for rider in self._riders.pop(slot.group, ()):
-            queued = self._running.get(rider.id)
-            if queued is not None and queued.job.attempt == rider.attempt:
-                del self._running[rider.id]
-                self._stranded.append((rider.id, rider.attempt))
+                self._handover.board(job)
 
     def _hungry(self) -> bool:
         """Whether the jobs claimed but not started run low: claim (and settle) now.
@@ -645,51 +523,8 @@ class Worker:
         """How many attempts to hold at once: the threads, plus a queue of short jobs."""
         # A thread stuck past its timeout was replaced: its attempt does not count.
         if self._average_runtime < SHORT_JOB_SECONDS:
-            return self.threads * PREFETCH_PER_THREAD + self._overdue
-        return self.threads + self._overdue
-
-    def _expire_deadlines(self, now: float) -> None:
-        """Tell attempts past their timeout to stop (called with the lock held).
-
-        The attempt keeps its lease and its slots until its function returns; a new
-        thread takes the place of its own, so the others keep working."""
-        for running in self._running.values():
-            deadline = running.deadline
-            if deadline is None or now < deadline or running.control is None:
-                continue
-            running.overdue = True
-            running.reported = now
-            running.control.stop(TIMED_OUT)
-            self._overdue += 1
-            job = running.job
-            log.warning(
-                "job %s: attempt %d exceeded its timeout of %gs; it keeps its lease and "
-                "concurrency slots until its function returns (it stops at its next step)",
-                job.id,
-                job.attempt,
-                running.timeout or 0.0,
-            )
-            self._start_executor()
-
-    def _next_report(self, now: float) -> float:
-        """When to report again the attempts running past their timeout (lock held);
-        reports those due now."""
-        interval = self.app.settings.lease_seconds
-        soonest = now + interval
-        for running in self._running.values():
-            if not running.overdue or running.started is None:
-                continue
-            if now >= running.reported + interval:
-                running.reported = now
-                log.warning(
-                    "job %s: attempt %d is still running, %.0fs past its timeout of %gs",
-                    running.job.id,
-                    running.job.attempt,
-                    now - running.started - (running.timeout or 0.0),
-                    running.timeout or 0.0,
-                )
-            soonest = min(soonest, running.reported + interval)
-        return soonest
+            return self.threads * PREFETCH_PER_THREAD + self._overruns.count
+        return self.threads + self._overruns.count
 
     def _drain(self) -> None:
         """The grace period is over (lock held): attempts still running are told to stop;

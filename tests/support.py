@@ -28,6 +28,7 @@ import pytest
 from sqlalchemy import text
 
 from reliable import Reliable, Task
+from reliable.store import JobRow
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LEASE_SECONDS = 2.0
@@ -247,3 +248,20 @@ def wait_for_status(
         f"job {job_id} to be {status}",
         lambda: f"{jobs_table(client)}\n{processes.logs()}",
     )
+
+
+def watch_unfinished_reads(rel: Reliable, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An event set once the store reads a job unfinished from now on: a status request
+    with ``?wait=`` that got that far waits for the job to end."""
+    seen = threading.Event()
+    store = rel.store
+    get_job = store.get_job
+
+    def spy(job_id: str) -> JobRow | None:
+        row = get_job(job_id)
+        if row is not None and row.status not in ("succeeded", "failed", "cancelled"):
+            seen.set()
+        return row
+
+    monkeypatch.setattr(store, "get_job", spy)
+    return seen

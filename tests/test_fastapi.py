@@ -20,8 +20,9 @@ from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, R
 from pydantic import BaseModel
 from starlette.exceptions import StarletteDeprecationWarning
 from starlette.middleware import Middleware
+from support import watch_unfinished_reads
 
-from reliable import ConfigError, JobInfo, ManualClock, Reliable, current_job
+from reliable import ConfigError, ManualClock, Reliable, current_job
 from reliable.integrations.starlette import ReliableMiddleware
 
 with warnings.catch_warnings():  # starlette asks for httpx2; httpx works the same here
@@ -61,22 +62,6 @@ class GatedEmails(example.EmailProvider):
             self.failures -= 1
             raise example.ProviderUnavailable("the email provider answered 503")
         return await super().send(to, subject, text)
-
-
-def watch_unfinished_reads(rel: Reliable, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """An event set once ``rel.get_job`` finds a job unfinished from now on: a status
-    request with ``?wait=`` that got that far waits for the job to end."""
-    seen = threading.Event()
-    get_job = rel.get_job
-
-    def spy(job_id: str) -> JobInfo:
-        info = get_job(job_id)
-        if not info.finished:
-            seen.set()
-        return info
-
-    monkeypatch.setattr(rel, "get_job", spy)
-    return seen
 
 
 def stored_jobs(rel: Reliable) -> int:

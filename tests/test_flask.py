@@ -28,8 +28,9 @@ from flask import Flask, abort, current_app, g, request
 from flask.cli import FlaskGroup
 from flask.testing import FlaskClient
 from sqlalchemy import text
+from support import watch_unfinished_reads
 
-from reliable import ConfigError, JobInfo, ManualClock, Reliable, current_job
+from reliable import ConfigError, ManualClock, Reliable, current_job
 from reliable.cli import locate
 from reliable.integrations.flask import FlaskState, ReliableFlask
 
@@ -142,22 +143,6 @@ def test_receipt_is_accepted_then_runs_on_the_rebuilt_request(
         "attempt": 1,
     }
     assert mailer.sent[0]["subject"] == "Receipt for order 42"
-
-
-def watch_unfinished_reads(rel: Reliable, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """An event set once ``rel.get_job`` finds a job unfinished from now on: a status
-    request with ``?wait=`` that got that far waits for the job to end."""
-    seen = threading.Event()
-    get_job = rel.get_job
-
-    def spy(job_id: str) -> JobInfo:
-        info = get_job(job_id)
-        if not info.finished:
-            seen.set()
-        return info
-
-    monkeypatch.setattr(rel, "get_job", spy)
-    return seen
 
 
 def test_wait_holds_the_status_request_until_the_job_ends(

@@ -17,7 +17,8 @@ from typing import Any
 from reliable import Reliable
 from reliable.execution import run_attempt
 from reliable.store import ClaimedJob, Outcome
-from reliable.store.flow import parse, pass_slots
+from reliable.store.scopes import parse
+from reliable.store.slots import pass_slots
 
 LIMITS = '{"keys":{},"concurrency":[["work#concurrency0#",2]]}'
 GROUP = parse(LIMITS).group

@@ -27,8 +27,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from support import watch_unfinished_reads
 
-from reliable import JobInfo, ManualClock, Reliable, ReliableError, current_job
+from reliable import ManualClock, Reliable, ReliableError, current_job
 from reliable.integrations.starlette import ReliableMiddleware
 
 with warnings.catch_warnings():  # starlette asks for httpx2; httpx works the same here
@@ -76,22 +77,6 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-def watch_unfinished_reads(rel: Reliable, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """An event set once ``rel.get_job`` finds a job unfinished from now on: a status
-    request with ``?wait=`` that got that far waits for the job to end."""
-    seen = threading.Event()
-    get_job = rel.get_job
-
-    def spy(job_id: str) -> JobInfo:
-        info = get_job(job_id)
-        if not info.finished:
-            seen.set()
-        return info
-
-    monkeypatch.setattr(rel, "get_job", spy)
-    return seen
 
 
 def stored_jobs(rel: Reliable) -> int:

@@ -1,6 +1,7 @@
 """Storage of jobs on SQLite or PostgreSQL; the only package that speaks SQL."""
 
-from .database import ClaimResult, Store, parse_database_url
+from .claims import ClaimResult
+from .database import parse_database_url
 from .records import (
     AttemptRow,
     AttemptStates,
@@ -11,6 +12,7 @@ from .records import (
     NewJob,
     Outcome,
 )
+from .store import Store
 
 __all__ = [
     "AttemptRow",

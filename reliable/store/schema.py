@@ -25,6 +25,8 @@ metadata = MetaData()
 
 # Statuses a worker may pick up once ``run_at`` has come.
 CLAIMABLE = ("queued", "sleeping")
+# Statuses a job ends in.
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 jobs = Table(
     "reliable_jobs",
@@ -232,3 +234,6 @@ IS_DUE: ColumnElement[bool] = IS_CLAIMABLE & jobs.c.blocked_on.is_(None)
 HOLDS_LEASE: ColumnElement[bool] = jobs.c.status.in_(
     [literal_column("'running'"), literal_column("'cancelled'")]
 )
+# A job cancelled while its attempt ran stays cancelled whatever the attempt's outcome:
+# settling it only gives back the lease and the slots.
+IS_CANCELLED: ColumnElement[bool] = jobs.c.status == literal_column("'cancelled'")

@@ -11,9 +11,23 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, literal, select, update
+from sqlalchemy import (
+    Connection,
+    delete,
+    literal,
+    select,
+    update,
+)
 
-from .schema import HOLDS_LEASE, IS_RUNNING, events, jobs, steps, waits
+from .database import Database
+from .schema import (
+    HOLDS_LEASE,
+    IS_RUNNING,
+    events,
+    jobs,
+    steps,
+    waits,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,3 +260,60 @@ def complete_wait(
         .values(status="succeeded", result=result, finished_at=now)
     )
     remove_wait(connection, job_id, step)
+
+
+class Stepping(Database):
+    """Steps, event waits and events (see ``Store``)."""
+
+    def load_steps(self, job_id: str) -> dict[str, StepRow]:
+        with self._read() as connection:
+            return load(connection, job_id)
+
+    def record_step(
+        self, attempt: int, worker_id: str, row: StepRow, wait: WaitRow | None = None
+    ) -> str | None:
+        """Save a step (and, for an event wait, the wait) while the attempt holds its
+        lease. Returns the job's status then: ``running``; ``cancelled`` (the step was
+        saved, but not a wait: the attempt is to stop); ``None`` when the attempt lost
+        its lease, and nothing was written."""
+        if wait is None:  # the common case: one statement, one round trip
+            with self._single_statement() as connection:
+                if save_fenced(connection, self._insert, row, attempt, worker_id):
+                    return "running"
+        with self._write() as connection:
+            state = lease_state(connection, row.job_id, attempt, worker_id)
+            if state is None or (state == "cancelled" and wait is not None):
+                return state
+            save(connection, self._insert, row)
+            if wait is not None:
+                add_wait(connection, self._insert, wait)
+        return state
+
+    def end_wait(
+        self, job_id: str, attempt: int, worker_id: str, step: str, result: str | None, now: float
+    ) -> str | None:
+        """Complete a sleep, or an event wait that timed out, while holding the lease;
+        returns the job's status as ``record_step`` does."""
+        with self._write() as connection:
+            state = lease_state(connection, job_id, attempt, worker_id)
+            if state is not None:
+                complete_wait(connection, job_id, step, result, now)
+        return state
+
+    def get_wait(self, job_id: str, step: str) -> WaitRow | None:
+        with self._read() as connection:
+            return get_wait(connection, job_id, step)
+
+    def send_event(self, event_id: str, name: str, data: str, now: float) -> list[str]:
+        """Store an event and wake every job waiting for it whose match it meets."""
+        with self._write() as connection:
+            woken = deliver(connection, self._insert, event_id, name, data, now)
+            if woken:
+                self._notify_other_processes(connection)
+        if woken:
+            self._wake()
+        return woken
+
+    def get_steps(self, job_id: str) -> list[StepRow]:
+        rows = self.load_steps(job_id)
+        return sorted(rows.values(), key=lambda row: (row.position, row.started_at))

@@ -11,25 +11,23 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import inspect
 import json
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ..errors import ConfigError, IdempotencyConflict, RateLimited, ReliableError
 from ..limits import Key, MissingKey, describe_key, plan, scope_value
+from ..registry import Registry
+from ..runtime import Runtime
 from ..serialization import dumps
 from ..store.records import RateState
 from ..tasks import Task, TaskOptions
 from .http import SECRET_RESPONSE_HEADERS, HttpResponse, accepted, problem
 from .idempotency import InvalidIdempotencyKey, parse_idempotency_key, request_fingerprint
 from .snapshot import NO_CREDENTIALS, Credentials, RequestSnapshot, hidden_headers
-
-if TYPE_CHECKING:
-    from ..app import Reliable
 
 IDEMPOTENCY_MODES = ("optional", "required", "off")
 RequestHook = Callable[[Any], Any]
@@ -58,9 +56,16 @@ def register_adapter(adapter: Adapter) -> None:
 
 
 def adapter_for(name: str) -> Adapter:
-    if name not in ADAPTERS:
-        importlib.import_module(f"reliable.integrations.{name}")
-    return ADAPTERS[name]
+    """The adapter of framework ``name``; its integration registers it when imported
+    (the application's module imports it to install the middleware or extension)."""
+    adapter = ADAPTERS.get(name)
+    if adapter is None:
+        raise ReliableError(
+            f"a job of an offloaded {name} route needs reliable.integrations.{name}, which "
+            "this worker has not imported: load the application module that installs it "
+            "(reliable worker module:app)"
+        )
+    return adapter
 
 
 class HandlerFailed(ReliableError):
@@ -135,9 +140,13 @@ class RouteTask(Task[..., Any]):
     """The task behind an offloaded route; its jobs carry a request snapshot."""
 
     def __init__(
-        self, app: Reliable, fn: Callable[..., Any], options: TaskOptions, route: RouteOptions
+        self,
+        runtime: Runtime,
+        fn: Callable[..., Any],
+        options: TaskOptions,
+        route: RouteOptions,
     ) -> None:
-        super().__init__(app, fn, options)
+        super().__init__(runtime, fn, options)
         self.route = route
         self.is_async = False  # the adapter's run() decides; awaitables are awaited
 
@@ -155,10 +164,10 @@ class RouteTask(Task[..., Any]):
     def _finish(self, response: HttpResponse) -> dict[str, Any]:
         if response.status >= 500:
             raise HandlerFailed(response)
-        return result_document(response, self.app.settings.redact_headers)
+        return result_document(response, self.runtime.settings.redact_headers)
 
 
-def offload(app: Reliable, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+def offload(registry: Registry, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     """Build the stand-in for ``fn``; see ``Reliable.offload``."""
     route_options = RouteOptions.build(
         idempotency=options.pop("idempotency", "optional"),
@@ -169,8 +178,10 @@ def offload(app: Reliable, fn: Callable[..., Any], **options: Any) -> Callable[.
         raise ConfigError(
             "idempotency_key", "routes take the Idempotency-Key header; use idempotency="
         )
-    route = RouteTask(app, fn, TaskOptions.build(fn, route=True, **options), route_options)
-    app.register(route)
+    route = RouteTask(
+        registry.runtime, fn, TaskOptions.build(fn, route=True, **options), route_options
+    )
+    registry.register(route)
 
     def answer(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         for adapter in list(ADAPTERS.values()):
@@ -202,7 +213,6 @@ def offload(app: Reliable, fn: Callable[..., Any], **options: Any) -> Callable[.
 
 
 def admit(
-    app: Reliable,
     route: RouteTask,
     snapshot: RequestSnapshot,
     *,
@@ -225,6 +235,7 @@ def admit(
     request carries, so that another caller reusing a key neither gets the first
     caller's job nor learns, from a 422, that the key exists.
     """
+    settings = route.runtime.settings
     key = None
     raw_key = snapshot.header("idempotency-key")
     if route.route.idempotency != "off":
@@ -239,7 +250,7 @@ def admit(
     payload = dumps(
         {
             "framework": framework,
-            "request": snapshot.redacted(app.settings.redact_headers, credentials).to_json(),
+            "request": snapshot.redacted(settings.redact_headers, credentials).to_json(),
             "captured": captured,
         }
     )
@@ -248,7 +259,7 @@ def admit(
             route.name,
             route.options.flow,
             lambda key, option: resolve_request_key(
-                key, option, snapshot, request, app.settings.redact_headers, credentials
+                key, option, snapshot, request, settings.redact_headers, credentials
             ),
         )
     except MissingKey as exc:
@@ -262,11 +273,10 @@ def admit(
         idempotency_scope = f"route:{route.name}"
         if scope is not None:
             idempotency_scope = f"{idempotency_scope}:{scope}"
-        elif held := snapshot.carried_credentials(app.settings.redact_headers, credentials):
+        elif held := snapshot.carried_credentials(settings.redact_headers, credentials):
             idempotency_scope = f"{idempotency_scope}:caller:{caller_fingerprint(held)}"
     try:
-        handle = app.enqueue_payload(
-            route,
+        handle = route.enqueue_payload(
             payload,
             idempotency_key=key,
             idempotency_scope=idempotency_scope,
@@ -279,8 +289,10 @@ def admit(
         )
     except RateLimited as exc:
         return rate_limited(route, exc)
-    status = (app.store.get_status(handle.id) or "queued") if handle.replayed else "queued"
-    response = accepted(handle.id, app.settings.url_prefix, replayed=handle.replayed, status=status)
+    status = (
+        (route.runtime.store.get_status(handle.id) or "queued") if handle.replayed else "queued"
+    )
+    response = accepted(handle.id, settings.url_prefix, replayed=handle.replayed, status=status)
     response.headers += rate_limit_headers(route, handle.rates)
     return response
 

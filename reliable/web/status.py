@@ -6,14 +6,11 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ..errors import JobNotFound
 from ..jobs import JobInfo
+from ..runtime import Runtime
 from .http import HttpResponse, problem, status_document
-
-if TYPE_CHECKING:
-    from ..app import Reliable
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_WAIT_SECONDS = 60.0
@@ -45,21 +42,21 @@ def parse_wait(raw: str | None) -> float | HttpResponse:
     return min(seconds, MAX_WAIT_SECONDS)
 
 
-def _lookup(app: Reliable, job_id: str) -> JobInfo | None:
+def _lookup(runtime: Runtime, job_id: str) -> JobInfo | None:
     if not JOB_ID.match(job_id):
         return None
     try:
-        return app.get_job(job_id)
+        return runtime.get_job(job_id)
     except JobNotFound:
         return None
 
 
 def job_status(
-    app: Reliable, job_id: str, wait: float = 0.0, allow: Allow | None = None
+    runtime: Runtime, job_id: str, wait: float = 0.0, allow: Allow | None = None
 ) -> HttpResponse:
     """The job's status document, after waiting up to ``wait`` s for a terminal state;
     403 when ``allow`` refuses the caller."""
-    info = _lookup(app, job_id)
+    info = _lookup(runtime, job_id)
     if info is None:
         return not_found(job_id)
     if allow is not None and not allow(info, "read"):
@@ -68,18 +65,18 @@ def job_status(
         deadline = time.monotonic() + wait
         pause = 0.01
         while not info.finished and (remaining := deadline - time.monotonic()) > 0:
-            app.store.wait_for_change(min(pause, remaining))
+            runtime.store.wait_for_change(min(pause, remaining))
             pause = min(pause * 2, 0.25)
-            info = app.get_job(job_id)
-    return HttpResponse.json(200, status_document(info, app.settings.redact_headers))
+            info = runtime.get_job(job_id)
+    return HttpResponse.json(200, status_document(info, runtime.settings.redact_headers))
 
 
 async def job_status_async(
-    app: Reliable, job_id: str, wait: float = 0.0, allow: Allow | None = None
+    runtime: Runtime, job_id: str, wait: float = 0.0, allow: Allow | None = None
 ) -> HttpResponse:
     """``job_status`` for event loops: the database is read (and ``allow`` asked) in a
     thread, waits are async."""
-    info = await asyncio.to_thread(_lookup, app, job_id)
+    info = await asyncio.to_thread(_lookup, runtime, job_id)
     if info is None:
         return not_found(job_id)
     if allow is not None and not await asyncio.to_thread(allow, info, "read"):
@@ -89,19 +86,19 @@ async def job_status_async(
     while not info.finished and (remaining := deadline - time.monotonic()) > 0:
         await asyncio.sleep(min(pause, remaining))
         pause = min(pause * 2, 0.25)
-        info = await asyncio.to_thread(app.get_job, job_id)
-    return HttpResponse.json(200, status_document(info, app.settings.redact_headers))
+        info = await asyncio.to_thread(runtime.get_job, job_id)
+    return HttpResponse.json(200, status_document(info, runtime.settings.redact_headers))
 
 
-def cancel_job(app: Reliable, job_id: str, allow: Allow | None = None) -> HttpResponse:
+def cancel_job(runtime: Runtime, job_id: str, allow: Allow | None = None) -> HttpResponse:
     """DELETE: cancel a job that has not finished; 409 if it already had, 403 when
     ``allow`` refuses the caller."""
-    info = _lookup(app, job_id)
+    info = _lookup(runtime, job_id)
     if info is None:
         return not_found(job_id)
     if allow is not None and not allow(info, "cancel"):
         return forbidden(job_id, "cancel")
-    if not app.cancel(job_id):
+    if not runtime.cancel(job_id):
         return problem(409, f"job {job_id} has already finished ({info.status})", title="Conflict")
-    document = status_document(app.get_job(job_id), app.settings.redact_headers)
+    document = status_document(runtime.get_job(job_id), runtime.settings.redact_headers)
     return HttpResponse.json(200, document)

@@ -1,0 +1,56 @@
+"""The job store: a narrow set of atomic operations on SQLite or PostgreSQL.
+
+Each concept has its module; ``Store`` puts them together:
+
+- ``database``: the URL, engine, transactions and change signals;
+- ``enqueue``: a job with its idempotency key, rate-limit admission and debounce;
+- ``claims``: claiming due jobs and settling finished attempts (``admission`` and
+  ``slots`` for concurrency caps and throttles);
+- ``leasing``: leases renewed, checked, given back;
+- ``maintenance``: dead workers' jobs taken over, races repaired, admissions pruned;
+- ``steps``: steps, event waits and events;
+- ``queries``: reads of jobs, and operator actions.
+"""
+
+from __future__ import annotations
+
+from .claims import Claiming
+from .enqueue import Enqueuing
+from .leasing import Leasing
+from .maintenance import Maintaining
+from .queries import Querying
+from .reconnect import reconnecting
+from .steps import Stepping
+
+
+@reconnecting(
+    "enqueue",
+    "claim",
+    "settle",
+    "heartbeat",
+    "check_attempts",
+    "remove_worker",
+    "recover_expired",
+    "release",
+    "cancel",
+    "load_steps",
+    "record_step",
+    "end_wait",
+    "get_wait",
+    "send_event",
+    "wake_orphaned_sleepers",
+    "get_job",
+    "get_status",
+    "get_attempts",
+    "has_due",
+    "prune_rate_events",
+    "sweep_parked",
+    "flow_state",
+    "count_by_status",
+)
+class Store(Enqueuing, Claiming, Leasing, Maintaining, Stepping, Querying):
+    """Jobs, attempts, leases and idempotency keys in one database (see ``Database``).
+
+    Every method is one transaction (or one statement), made once more when the
+    database dropped its connection (see ``reconnect``).
+    """
