@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo quickstart bench peers-venv clean
+.PHONY: install test lint soak demo quickstart bench peers-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# The full chaos soak (minutes): 5,000 jobs on PostgreSQL and on SQLite, workers killed,
+# PostgreSQL restarted; reports in tests/soak/reports/.
+soak: $(STAMP)
+	RELIABLE_SOAK_REPORT=tests/soak/reports $(BIN)/pytest tests/soak -m soak
 
 demo: $(STAMP)
 	$(BIN)/python examples/flask_app.py

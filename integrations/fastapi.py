@@ -175,10 +175,10 @@ _SCHEMAS: dict[str, Any] = {
             "started_at": {"type": "string", "format": "date-time", "nullable": True},
             "finished_at": {"type": "string", "format": "date-time", "nullable": True},
             "result": {
-                "type": "object",
                 "nullable": True,
-                "description": "The handler's answer once it succeeded: status_code, "
-                "headers and body.",
+                "description": "Once the job succeeded: the handler's answer (status_code, "
+                "headers and body) for an offloaded request, the function's return value "
+                "(any JSON) for a task.",
             },
             "error": {
                 "type": "object",
@@ -198,6 +198,11 @@ _SCHEMAS: dict[str, Any] = {
             "detail": {"type": "string"},
         },
     },
+}
+_FASTAPI_ERROR = {
+    "type": "object",
+    "description": "FastAPI's own error: a body it could not parse.",
+    "properties": {"detail": {}},
 }
 _ACCEPTED = {
     "description": "Accepted: the request is committed as a job before this answer; the "
@@ -222,7 +227,24 @@ _REFUSALS = {
     "413": "The body is larger than RELIABLE_MAX_PAYLOAD; nothing was stored.",
     "422": "The Idempotency-Key was used with another request; nothing was stored.",
     "429": "A rate limit refused the request (see Retry-After and RateLimit); nothing was stored.",
+    "503": "The job store is unavailable (down, read-only, full): the request was not "
+    "accepted; try again after Retry-After.",
 }
+# From an accepted request to its job: its id is the status resource's job_id.
+_LINKS = {
+    "GetJobStatus": {
+        "operationId": "reliable_job_status",
+        "parameters": {"job_id": "$response.body#/id"},
+    },
+    "CancelJob": {
+        "operationId": "reliable_cancel_job",
+        "parameters": {"job_id": "$response.body#/id"},
+    },
+}
+
+
+def _problem_response(why: str) -> dict[str, Any]:
+    return {"description": why, "content": {"application/problem+json": {"schema": _PROBLEM}}}
 
 
 def describe(app: Any, prefix: str) -> None:
@@ -259,17 +281,19 @@ def _describe(schema: dict[str, Any], app: Any, prefix: str) -> None:
             responses = operation.setdefault("responses", {})
             answer = str(getattr(route, "status_code", None) or 200)
             responses.pop(answer, None)
-            responses["202"] = _ACCEPTED
+            responses["202"] = {**_ACCEPTED, "links": _LINKS}
             for code, why in _REFUSALS.items():
                 refusal = responses.setdefault(code, {"description": why, "content": {}})
                 if code == "422":
                     refusal["description"] = f"{refusal['description']} Or: {why}"
-                refusal.setdefault("content", {})["application/problem+json"] = {"schema": _PROBLEM}
+                content = refusal.setdefault("content", {})
+                content["application/problem+json"] = {"schema": _PROBLEM}
+                if code == "400":  # FastAPI's own, for a body it cannot parse
+                    content.setdefault("application/json", {"schema": _FASTAPI_ERROR})
     job = {"application/json": {"schema": {"$ref": "#/components/schemas/ReliableJob"}}}
-    missing = {
-        "description": "No job has this id.",
-        "content": {"application/problem+json": {"schema": _PROBLEM}},
-    }
+    missing = _problem_response("No job has this id.")
+    refused = _problem_response("The application's status_access hook refused the caller.")
+    unavailable = _problem_response("The job store is unavailable; try again after Retry-After.")
     parameters = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths[f"{prefix}/jobs/{{job_id}}"] = {
         "get": {
@@ -280,9 +304,20 @@ def _describe(schema: dict[str, Any], app: Any, prefix: str) -> None:
             "operationId": "reliable_job_status",
             "parameters": [
                 *parameters,
-                {"name": "wait", "in": "query", "required": False, "schema": {"type": "number"}},
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0},
+                },
             ],
-            "responses": {"200": {"description": "The job.", "content": job}, "404": missing},
+            "responses": {
+                "200": {"description": "The job.", "content": job},
+                "400": _problem_response("wait is not a number of seconds >= 0."),
+                "403": refused,
+                "404": missing,
+                "503": unavailable,
+            },
         },
         "delete": {
             "summary": "Cancel a job",
@@ -292,11 +327,10 @@ def _describe(schema: dict[str, Any], app: Any, prefix: str) -> None:
             "parameters": parameters,
             "responses": {
                 "200": {"description": "The job, cancelled.", "content": job},
+                "403": refused,
                 "404": missing,
-                "409": {
-                    "description": "The job had already finished.",
-                    "content": {"application/problem+json": {"schema": _PROBLEM}},
-                },
+                "409": _problem_response("The job had already finished."),
+                "503": unavailable,
             },
         },
     }

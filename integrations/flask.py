@@ -38,6 +38,7 @@ from reliable.web import (
     cancel_job,
     job_status,
     parse_wait,
+    problem,
     too_large,
 )
 from reliable.web.routes import register_adapter
@@ -47,6 +48,8 @@ __all__ = ["FlaskAdapter", "FlaskState", "ReliableFlask"]
 
 EXTENSION = "reliable"
 READ_CHUNK = 64 * 1024
+# How much of a body refused as too large is still read (and dropped): see drain_body.
+DRAIN_BYTES = 1024 * 1024
 # Headers describing the body as it came over the wire; the rebuilt request has it whole.
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -229,11 +232,16 @@ def _allow(rel: Reliable) -> Allow | None:
     return lambda info, action: bool(hook(caller, info, action))
 
 
+class BodyBrokeOff(Exception):
+    """The request's body could not be read to its end: the client stopped sending."""
+
+
 def read_body(limit: int) -> bytes | None:
     """The current request's body, or ``None`` when it is larger than ``limit`` bytes.
 
     ``Content-Length`` is checked first; a body without one (chunked) is read no
-    further than ``limit + 1`` bytes.
+    further than ``limit + 1`` bytes. Raises ``BodyBrokeOff`` when the body ends early
+    (the connection closed, a chunk cut short).
     """
     length = request.content_length
     if length is not None and length > limit:
@@ -246,7 +254,10 @@ def read_body(limit: int) -> bytes | None:
     chunks: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = stream.read(min(READ_CHUNK, limit + 1 - size))
+        try:
+            chunk = stream.read(min(READ_CHUNK, limit + 1 - size))
+        except Exception as exc:  # each server has its own: werkzeug's, gunicorn's, OSError
+            raise BodyBrokeOff(f"{type(exc).__name__}: {exc}") from exc
         if not chunk:
             break
         chunks.append(chunk)
@@ -257,6 +268,27 @@ def read_body(limit: int) -> bytes | None:
     # The stream is spent: let get_data() and get_json() (in a capture hook) see the body.
     request._cached_data = body
     return body
+
+
+def drain_body(limit: int) -> None:
+    """Read and drop the rest of a body refused as too large, when its ``Content-Length``
+    is at most ``DRAIN_BYTES`` over ``limit``.
+
+    A server that closes a connection with unread data in it resets it, and a client
+    still sending then gets the reset instead of the 413 (gunicorn answers, then closes).
+    A larger body, or one of unknown length (chunked), is not read: the reset is the
+    lesser cost.
+    """
+    length = request.content_length
+    if length is None or length > limit + DRAIN_BYTES:
+        return
+    stream = request.stream
+    left = DRAIN_BYTES
+    try:
+        while left > 0 and (chunk := stream.read(min(READ_CHUNK, left))):
+            left -= len(chunk)
+    except HTTPException:  # the client went away (werkzeug's ClientDisconnected)
+        return
 
 
 def snapshot_request(body: bytes) -> RequestSnapshot:
@@ -362,7 +394,7 @@ class FlaskAdapter:
         return apps[0]
 
     def offload(self, route: RouteTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Answer the current Flask request: 202 with the job, or 400/413/422.
+        """Answer the current Flask request: 202 with the job, or 400/413/422/429/503.
 
         Returns ``NotImplemented`` outside a Flask request.
         """
@@ -374,23 +406,28 @@ class FlaskAdapter:
                 f"{route.name} belongs to another Reliable than this app's "
                 f"ReliableFlask(app, {state.reliable!r})"
             )
-        rel = state.reliable
-        body = read_body(rel.settings.max_payload)
-        if body is None:
-            response = to_flask(too_large(rel.settings.max_payload))
-        else:
-            snapshot = snapshot_request(body)
-            capture = route.route.capture or rel.capture_hook
-            captured = capture(request) if capture is not None else None
-            scope = None
-            if route.route.idempotency_scope is not None:
-                value = route.route.idempotency_scope(request)
-                scope = None if value is None else str(value)
-            decision = admit(route, snapshot, framework="flask", captured=captured, scope=scope)
-            response = to_flask(decision)
+        response = to_flask(self._decide(route, state.reliable))
         if inspect.iscoroutinefunction(route.fn):
             return _already(response)  # the stand-in of an async view awaits its answer
         return response
+
+    def _decide(self, route: RouteTask, rel: Reliable) -> HttpResponse:
+        limit = rel.settings.max_payload
+        try:
+            body = read_body(limit)
+        except BodyBrokeOff:
+            return problem(400, "the request body broke off before its end")
+        if body is None:
+            drain_body(limit)
+            return too_large(limit)
+        snapshot = snapshot_request(body)
+        capture = route.route.capture or rel.capture_hook
+        captured = capture(request) if capture is not None else None
+        scope = None
+        if route.route.idempotency_scope is not None:
+            value = route.route.idempotency_scope(request)
+            scope = None if value is None else str(value)
+        return admit(route, snapshot, framework="flask", captured=captured, scope=scope)
 
     def run(self, route: RouteTask, snapshot: RequestSnapshot) -> HttpResponse:
         """In the worker: call the handler on the rebuilt request, in its app's context.

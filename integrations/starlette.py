@@ -388,7 +388,10 @@ class StarletteAdapter:
     async def _offload(
         self, incoming: _Incoming, route: RouteTask, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Response:
-        body = await incoming.read_body()
+        try:
+            body = await incoming.read_body()
+        except ClientDisconnect:  # nobody reads the answer; it keeps the error log clean
+            return _response(problem(400, "the request body broke off before its end"))
         if body is None:
             return _response(too_large(incoming.limit))
         arguments = None

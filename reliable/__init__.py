@@ -6,6 +6,7 @@ from .context import JobContext, current_job
 from .errors import (
     ConfigError,
     ConfigWarning,
+    DeadlineExceeded,
     IdempotencyConflict,
     JobCancelled,
     JobFailed,
@@ -22,7 +23,8 @@ from .errors import (
 )
 from .handles import JobHandle
 from .jobs import AttemptInfo, JobInfo, JobStatus, StepInfo
-from .limits import Concurrency, Debounce, RateLimit, Throttle
+from .limits import CancelOn, Concurrency, Debounce, RateLimit, Throttle
+from .schedules import ScheduleInfo
 from .serialization import register_type
 from .settings import Settings
 from .steps import sleep, sleep_until, step, wait_for_event
@@ -30,10 +32,12 @@ from .tasks import Task
 
 __all__ = [
     "AttemptInfo",
+    "CancelOn",
     "Clock",
     "Concurrency",
     "ConfigError",
     "ConfigWarning",
+    "DeadlineExceeded",
     "Debounce",
     "IdempotencyConflict",
     "JobCancelled",
@@ -52,6 +56,7 @@ __all__ = [
     "Reliable",
     "ReliableError",
     "RetryAfter",
+    "ScheduleInfo",
     "SerializationError",
     "Settings",
     "StepInfo",

@@ -12,13 +12,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
 from .clock import Clock, SystemClock
+from .durations import Duration, parse_duration
 from .errors import ConfigError
 from .execution import after_failure, attempt_control, run_attempt
 from .handles import JobHandle
 from .jobs import AttemptInfo, JobInfo, StepInfo
 from .limits import FlowPlan
-from .registry import Registry
+from .operations import Operations
+from .retention import finished_statuses, purge
 from .runtime import Runtime, StatusAccess
+from .schedules import Schedule, ScheduleInfo, Timetable
 from .serialization import dumps
 from .settings import Settings
 from .store import Store
@@ -32,7 +35,7 @@ R = TypeVar("R")
 log = logging.getLogger("reliable")
 
 
-class Reliable(Registry):
+class Reliable(Operations):
     """Durable execution for one application.
 
     Every setting (see ``Settings``) comes from its ``RELIABLE_*`` environment variable
@@ -64,6 +67,7 @@ class Reliable(Registry):
         self._lock = threading.RLock()
         self._worker: Worker | None = None
         self._inline_worker_id = new_worker_id()
+        self.timetable = Timetable(runtime)  # the cron schedules (``cron``)
 
     def __repr__(self) -> str:
         return f"<Reliable {self.settings.database_url}>"
@@ -107,7 +111,10 @@ class Reliable(Registry):
         ``retry_on`` (exception types retried; default ``Exception``), ``timeout``
         (seconds or ``"2m"`` per attempt; default ``RELIABLE_TIMEOUT``), ``queue``,
         ``priority`` (higher first), ``idempotency_key`` (a function of the arguments),
-        ``on_failure`` (called once with the ``JobInfo`` when the job fails for good).
+        ``on_failure`` (called once with the ``JobInfo`` when the job fails for good),
+        ``start_within`` (a job not started this long after it is due fails without
+        running), ``finish_within`` (a job not finished this long after it is due,
+        retries and sleeps included, fails). Per call: ``task.options(...).enqueue()``.
 
         Raises ``ConfigError`` naming a bad option, or a name already taken.
         """
@@ -118,6 +125,63 @@ class Reliable(Registry):
             return task
 
         return decorate if fn is None else decorate(fn)
+
+    def cron(
+        self,
+        expression: str,
+        /,
+        *,
+        tz: str = "UTC",
+        catch_up: str = "once",
+        max_lateness: Duration | None = None,
+        **options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Run a function at every tick of a cron expression:
+        ``@rel.cron("*/5 * * * *", tz="Europe/Berlin")``.
+
+        Each tick makes exactly one job, however many processes and machines run
+        workers: every worker (and ``run_until_idle``) enqueues the due ticks, and the
+        database keeps one job per schedule and tick. A new schedule starts at its next
+        tick. ``tz``: the IANA zone the expression is read in (see ``reliable.cron`` for
+        daylight saving time). ``catch_up``: what becomes of ticks missed while no
+        worker ran, ``"once"`` (one job, for the newest) or ``"all"`` (one each);
+        ``max_lateness``: a tick this much overdue is skipped. Other options are those
+        of ``task`` (the schedule is named after the task). The function is called
+        with no arguments; its job's ``run_at`` is the tick.
+
+        Raises ``ConfigError`` naming a bad option (``cron``, ``tz``, ``catch_up``,
+        ``max_lateness``, or one of ``task``'s), or for a function that needs arguments.
+        """
+
+        def decorate(function: Callable[P, R]) -> Task[P, R]:
+            task = Task(self.runtime, function, TaskOptions.build(function, **options))
+            schedule = Schedule.build(
+                task, expression, tz=tz, catch_up=catch_up, max_lateness=max_lateness
+            )
+            self.register(task)
+            self.timetable.add(schedule)
+            return task
+
+        return decorate
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """The cron schedules of this application, by name, each with its last run (the
+        tick, job and status of the newest job it made) and its next run."""
+        return self.timetable.infos()
+
+    def purge(self, *, older_than: Duration, status: str | Sequence[str] | None = None) -> int:
+        """Remove the jobs that finished more than ``older_than`` ago (seconds,
+        ``timedelta`` or ``"7d"``), with their attempts, steps and idempotency keys;
+        return how many.
+
+        ``status``: only jobs that ended so (``"failed"``, or several); default every
+        finished job. Unfinished jobs are never removed. Works in batches, one
+        transaction each, leaving workers time to claim in between. Workers do the same
+        by themselves for ``RELIABLE_RESULT_TTL``. Raises ``ConfigError`` naming a bad
+        ``older_than`` or ``status``.
+        """
+        seconds = parse_duration(older_than, name="older_than")
+        return purge(self.store, self.clock.now() - seconds, finished_statuses(status))
 
     @overload
     def offload(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
@@ -221,13 +285,18 @@ class Reliable(Registry):
 
     def send_event(self, name: str, data: Any = None) -> list[str]:
         """Send an event: every job waiting for ``name`` whose ``match`` the ``data``
-        meets resumes with it. Returns the ids of the jobs it woke.
+        meets resumes with it, and every unfinished job whose ``cancel_on`` it is (and
+        whose match it meets) is cancelled. Returns the ids of the jobs it woke.
 
         ``data`` is JSON (SPEC §5 types); raises ``SerializationError`` otherwise.
         """
         if not isinstance(name, str) or not name or len(name) > 200:
             raise ConfigError("name", f"an event name is 1 to 200 characters, got {name!r}")
-        return self.store.send_event(uuid.uuid4().hex, name, dumps(data), self.clock.now())
+        woken, cancelled = self.store.send_event(
+            uuid.uuid4().hex, name, dumps(data), self.clock.now()
+        )
+        self.runtime.cancelled(cancelled)
+        return woken
 
     def get_steps(self, job_id: str) -> list[StepInfo]:
         """The job's steps in the order they first ran: name, status, attempts, times,
@@ -268,6 +337,7 @@ class Reliable(Registry):
                 self,
                 threads=threads or self.settings.worker_threads,
                 queues=queues,
+                timetable=self.timetable,
             )
             self._worker = self.runtime.worker = worker
         return worker.start()
@@ -293,18 +363,21 @@ class Reliable(Registry):
         """Run every due job in this thread, one after another; return how many ran.
 
         For tests: retries scheduled in the future (by the clock) are left for a later
-        call, so a test moves its clock and calls again.
+        call, so a test moves its clock and calls again. Cron ticks due by then are
+        enqueued first.
         """
+        self.timetable.enqueue_due()
         worker_id = self._inline_worker_id
         ran = 0
         while True:
+            wanted, tasks = self.claimable(queues, self.runtime.paused(fresh=True))
             claimed = self.store.claim(
                 worker_id,
-                queues or self.queues(),
+                wanted,
                 1,
                 self.clock.now(),
                 self.settings.lease_seconds,
-                tasks=list(self.tasks),
+                tasks=tasks,
                 limited=self.limited_at_claim(),
             )
             if not claimed.jobs:

@@ -1,4 +1,4 @@
-"""The ``reliable`` command: ``worker``, ``db upgrade``, ``jobs show``."""
+"""The ``reliable`` command: ``worker``, ``db upgrade``, ``jobs show``, ``purge``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 from .app import Reliable
 from .durations import parse_duration
 from .errors import ConfigError, ReliableError
+from .retention import finished_statuses
 from .store import Store
 
 
@@ -167,6 +168,26 @@ def run_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_purge(args: argparse.Namespace) -> int:
+    os.environ["RELIABLE_EMBEDDED_WORKER"] = "0"  # importing the application starts none
+    rel = locate(args.app) if args.app else Reliable(args.database_url, embedded_worker=False)
+    try:
+        count = rel.purge(older_than=args.older_than, status=args.status)
+    finally:
+        rel.close()
+    print(f"purged {count} finished {'job' if count == 1 else 'jobs'}")
+    return 0
+
+
+def _statuses(text: str) -> tuple[str, ...]:
+    try:
+        return finished_statuses(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"must be succeeded, failed or cancelled (comma-separated), got {text!r}"
+        ) from None
+
+
 def _whole_number(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -273,6 +294,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--app", default=None, help="take the database URL and tasks from this application"
     )
     show.set_defaults(run=run_jobs_show)
+
+    purge = add_command(
+        commands,
+        "purge",
+        "remove finished jobs, with their attempts, steps and idempotency keys, and print "
+        "how many (workers also do it by themselves, for RELIABLE_RESULT_TTL)",
+    )
+    purge.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        type=_seconds,
+        required=True,
+        help="remove jobs that finished longer ago than this, such as 7d or 12h",
+    )
+    purge.add_argument(
+        "--status",
+        metavar="STATUSES",
+        type=_statuses,
+        default=None,
+        help="only jobs that ended so: succeeded, failed, cancelled, comma-separated "
+        "(default: all three; unfinished jobs are never removed)",
+    )
+    purge.add_argument("--database-url", default=None, help=DATABASE_URL_HELP)
+    purge.add_argument("--app", default=None, help="take the database URL from this application")
+    purge.set_defaults(run=run_purge)
     return parser
 
 

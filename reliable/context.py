@@ -46,9 +46,9 @@ class AttemptControl:
     """The stop signal of one attempt, shared by its thread and its worker.
 
     ``deadline`` is the clock time (epoch seconds) at which the attempt's timeout
-    passes, or ``None``. ``stop(reason)`` is idempotent: the first reason stays.
-    Callbacks given to ``on_stop`` run once, in the stopping thread (an async attempt
-    cancels its coroutine this way).
+    (or its job's finish deadline) passes, or ``None``. ``stop(reason)`` is
+    idempotent: the first reason stays. Callbacks given to ``on_stop`` run once, in the
+    stopping thread (an async attempt cancels its coroutine this way).
     """
 
     def __init__(self, job_id: str, clock: Clock, deadline: float | None = None) -> None:
@@ -116,7 +116,8 @@ class JobContext:
 
     @property
     def deadline(self) -> datetime | None:
-        """When the attempt's timeout passes (UTC), or ``None`` without a timeout."""
+        """When the attempt must end (UTC): its timeout, or the job's ``finish_within``
+        deadline if that comes first; ``None`` without either."""
         if self.control is None or self.control.deadline is None:
             return None
         return datetime.fromtimestamp(self.control.deadline, tz=timezone.utc)

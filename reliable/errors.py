@@ -102,6 +102,20 @@ class IdempotencyConflict(ReliableError):
         self.job_id = job_id
 
 
+class DeadlineExceeded(ReliableError):
+    """A job missed a deadline it was enqueued with, and failed for it.
+
+    ``option`` is ``"start_within"`` (it had not started by ``deadline``: it never ran)
+    or ``"finish_within"`` (it had not finished by then, retries and sleeps included);
+    ``deadline`` is that time, in UTC epoch seconds.
+    """
+
+    def __init__(self, message: str, *, option: str, deadline: float) -> None:
+        super().__init__(message)
+        self.option = option
+        self.deadline = deadline
+
+
 class NonRetriable(Exception):
     """Raise from a task to fail the job now, without further retries."""
 

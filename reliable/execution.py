@@ -27,7 +27,14 @@ from .context import (
     StopAttempt,
     _current,
 )
-from .errors import NonRetriable, ReliableError, RetryAfter, SerializationError, UnknownTask
+from .errors import (
+    DeadlineExceeded,
+    NonRetriable,
+    ReliableError,
+    RetryAfter,
+    SerializationError,
+    UnknownTask,
+)
 from .registry import Registry
 from .serialization import dumps, loads
 from .steps import StepRunner, Suspend, _runner
@@ -94,10 +101,11 @@ def failure(
     limit = (
         max_attempts(registry, task) if task is not None else 1 + registry.runtime.settings.retries
     )
-    what = f"job {job.id} ({job.task}): attempt {job.attempt} of {limit} failed"
-    if retry and job.attempt < limit:
+    counted = job.attempt - job.attempt_base  # since the last manual retry
+    what = f"job {job.id} ({job.task}): attempt {counted} of {limit} failed"
+    if retry and counted < limit:
         if delay is None:
-            delay = backoff_seconds(task, job.attempt, exc) if task is not None else 1.0
+            delay = backoff_seconds(task, counted, exc) if task is not None else 1.0
         at = datetime.fromtimestamp(now + delay, tz=timezone.utc).isoformat(timespec="seconds")
         log.warning("%s: %s; next attempt in %.1fs, at %s", what, _brief(exc), delay, at)
         return Outcome(
@@ -112,7 +120,7 @@ def failure(
             job.task,
             limits=job.limits,
         )
-    reason = "no attempts left" if retry or job.attempt >= limit else "not retried"
+    reason = "no attempts left" if retry or counted >= limit else "not retried"
     log.error("%s: %s; %s, the job failed", what, _brief(exc), reason, exc_info=exc)
     return Outcome(
         job.id,
@@ -144,6 +152,13 @@ def timed_out(registry: Registry, job: ClaimedJob, timeout: float) -> Outcome:
 def stopped(registry: Registry, job: ClaimedJob, reason: str, timeout: float | None) -> Outcome:
     """The outcome of an attempt that ended because it was told to stop (``reason``)."""
     now = registry.runtime.clock.now()
+    if reason == TIMED_OUT and job.finish_by is not None and now >= job.finish_by:
+        exc = DeadlineExceeded(
+            f"the attempt was stopped at the job's finish_within deadline, {_iso(job.finish_by)}",
+            option="finish_within",
+            deadline=job.finish_by,
+        )
+        return failure(registry, registry.tasks.get(job.task), job, exc, retry=False)
     if reason == TIMED_OUT:
         return timed_out(registry, job, timeout or 0.0)
     if reason == CANCELLED:
@@ -173,10 +188,13 @@ def released(job: ClaimedJob, now: float, *, status: str = "queued") -> Outcome:
 
 
 def attempt_control(registry: Registry, job: ClaimedJob) -> AttemptControl:
-    """The stop signal of an attempt of ``job`` starting now, with its deadline."""
+    """The stop signal of an attempt of ``job`` starting now, with its deadline: its
+    timeout, or the job's finish deadline if that comes first."""
     task = registry.tasks.get(job.task)
     timeout = timeout_of(registry, task) if task is not None else None
     deadline = None if timeout is None else job.started_at + timeout
+    if job.finish_by is not None:
+        deadline = job.finish_by if deadline is None else min(deadline, job.finish_by)
     return AttemptControl(job.id, registry.runtime.clock, deadline)
 
 
@@ -188,13 +206,80 @@ def run_attempt(
     ``control`` tells the attempt to stop (default: a control with the task's
     deadline). A function that returns after its attempt was told to stop has its
     result discarded: the outcome follows from why it was stopped.
+
+    Deadlines: a job that had not started by its ``start_within`` deadline, or
+    reaches this attempt past its ``finish_within`` one, fails without running
+    (``DeadlineExceeded``, naming the deadline); a retry or a sleep that would end past
+    the finish deadline fails the job instead, and an event wait ends there at the latest.
     """
+    missed = missed_deadline(job)
+    if missed is not None:
+        return failure(registry, registry.tasks.get(job.task), job, missed, retry=False)
+    outcome = _attempt(registry, job, control)
+    if job.start_by is not None and job.task in registry.tasks:
+        outcome.began = True
+    return within_finish(registry, job, outcome)
+
+
+def _iso(instant: float) -> str:
+    return datetime.fromtimestamp(instant, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def missed_deadline(job: ClaimedJob) -> DeadlineExceeded | None:
+    """Why ``job`` must fail instead of starting its attempt (at ``job.started_at``):
+    the deadline it is past, if any."""
+    now = job.started_at
+    if job.start_by is not None and now > job.start_by:
+        return DeadlineExceeded(
+            f"the job had not started by its start_within deadline, {_iso(job.start_by)} "
+            f"(it was claimed at {_iso(now)}); it did not run",
+            option="start_within",
+            deadline=job.start_by,
+        )
+    if job.finish_by is not None and now >= job.finish_by:
+        return DeadlineExceeded(
+            f"the job had not finished by its finish_within deadline, {_iso(job.finish_by)}"
+            f" (its attempt {job.attempt} was to start at {_iso(now)}); it did not run again",
+            option="finish_within",
+            deadline=job.finish_by,
+        )
+    return None
+
+
+def within_finish(registry: Registry, job: ClaimedJob, outcome: Outcome) -> Outcome:
+    """``outcome``, unless it takes ``job`` past its finish deadline: a retry or a sleep
+    that would end after it fails the job now; an event wait is woken at the deadline."""
+    finish_by = job.finish_by
+    if finish_by is None or outcome.run_at is None or outcome.run_at <= finish_by:
+        return outcome
+    if outcome.status == "sleeping" and outcome.waits:
+        outcome.run_at = finish_by  # the event may still come in time
+        return outcome
+    retry = outcome.status == "queued" and outcome.counted
+    if not retry and outcome.status != "sleeping":
+        return outcome
+    cause = ""
+    if outcome.error is not None:
+        error = json.loads(outcome.error)
+        cause = f" (attempt {job.attempt} failed: {error.get('type')}: {error.get('message')})"
+    what = "next attempt" if retry else "wake-up"
+    exc = DeadlineExceeded(
+        f"its {what} at {_iso(outcome.run_at)} would be past the job's finish_within "
+        f"deadline, {_iso(finish_by)}{cause}",
+        option="finish_within",
+        deadline=finish_by,
+    )
+    return failure(registry, registry.tasks.get(job.task), job, exc, retry=False)
+
+
+def _attempt(registry: Registry, job: ClaimedJob, control: AttemptControl | None) -> Outcome:
+    """One attempt, deadlines aside (see ``run_attempt``)."""
     task = registry.tasks.get(job.task)
     exc: ReliableError
     if task is None:
         exc = UnknownTask(f"task {job.task!r} is not registered in this worker")
         return failure(registry, None, job, exc, retry=True)
-    if job.attempt > max_attempts(registry, task):
+    if job.attempt - job.attempt_base > max_attempts(registry, task):
         # The previous attempt was lost with its worker and it was the last one allowed.
         exc = ReliableError(f"no attempts left after attempt {job.attempt - 1} was lost")
         return failure(registry, task, job, exc, retry=False)

@@ -73,7 +73,10 @@ class JobInfo:
     """A snapshot of one job.
 
     ``result`` is the task's return value once ``succeeded``; ``error`` is the latest
-    failed attempt's ``{"type", "message", "traceback"}``. Times are UTC.
+    failed attempt's ``{"type", "message", "traceback"}``. Times are UTC. ``replay_of``
+    names the job this one replays. In listings, ``task_unknown`` flags a queued job
+    whose task no live worker has registered (a rolling deploy, a renamed task): it
+    waits, and is never failed for it.
     """
 
     id: str
@@ -89,6 +92,11 @@ class JobInfo:
     result: Any
     error: dict[str, Any] | None
     idempotency_key: str | None
+    replay_of: str | None = None
+    task_unknown: bool = False
+    # Deadlines (``start_within``: until the job has run; ``finish_within``).
+    start_by: datetime | None = None
+    finish_by: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -110,4 +118,7 @@ class JobInfo:
             result=None if row.result is None else loads(row.result),
             error=None if row.error is None else json.loads(row.error),
             idempotency_key=row.idempotency_key,
+            replay_of=row.replay_of,
+            start_by=_time(row.start_by),
+            finish_by=_time(row.finish_by),
         )

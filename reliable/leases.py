@@ -11,11 +11,11 @@ running one is told to stop at its next step.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .background import Background
 from .clock import Clock
 from .errors import StoreError
 from .store import AttemptStates, Store
@@ -26,10 +26,10 @@ log = logging.getLogger("reliable.worker")
 CANCEL_CHECK_SECONDS = 0.1
 
 
-class LeaseKeeper:
+class LeaseKeeper(Background):
     """A thread that renews the leases of ``held()`` every third of ``lease_seconds``
     and, while there are any, checks them every ``CANCEL_CHECK_SECONDS``; it hands what
-    it learns to ``apply``. ``about`` describes the worker for the workers table."""
+    it learns to ``apply``. ``about()`` describes the worker for the workers table."""
 
     def __init__(
         self,
@@ -39,7 +39,7 @@ class LeaseKeeper:
         lease_seconds: float,
         held: Callable[[], Sequence[tuple[str, int]]],
         apply: Callable[[AttemptStates], None],
-        about: dict[str, Any],
+        about: Callable[[], dict[str, Any]],
     ) -> None:
         self.store = store
         self.clock = clock
@@ -48,18 +48,7 @@ class LeaseKeeper:
         self._held = held
         self._apply = apply
         self._about = about
-        self._closed = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"reliable-leases-{worker_id}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self._closed.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+        super().__init__(f"reliable-leases-{worker_id}")
 
     def _run(self) -> None:
         interval = self.lease_seconds / 3
@@ -75,7 +64,7 @@ class LeaseKeeper:
                         held,
                         self.clock.now,
                         self.lease_seconds,
-                        **self._about,
+                        **self._about(),
                     )
                     next_renewal = now + interval
                 else:

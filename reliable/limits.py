@@ -14,8 +14,8 @@ import hashlib
 import inspect
 import json
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .durations import Duration, parse_duration
@@ -24,7 +24,8 @@ from .store.records import DebounceCheck, RateCheck
 
 KeyFunction = Callable[..., Any]
 Key = str | KeyFunction
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*([a-z]+)\s*$")
+# At most 18 digits a number: a longer one is no rate, and Python refuses to read it.
+_RATE = re.compile(r"^\s*(\d{1,18})\s*/\s*(\d{1,18}(?:\.\d{0,18})?|\.\d{1,18})?\s*([a-z]+)\s*$")
 _PERIODS = {
     "s": 1.0,
     "sec": 1.0,
@@ -38,6 +39,7 @@ _PERIODS = {
     "day": 86400.0,
 }
 REQUEST_KEY_KINDS = ("header", "path", "json")
+_UNSTORABLE = re.compile("[\ud800-\udfff]")
 MAX_KEY_VALUE_LENGTH = 200
 
 
@@ -284,11 +286,12 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def scope_value(value: object) -> str:
-    """A key value as stored in a scope name: short values as they are, long ones hashed."""
+    """A key value as stored in a scope name: short values as they are, long ones hashed,
+    and so are those a database cannot store as text (a NUL, a lone surrogate)."""
     text = str(value)
-    if len(text) <= 64:
+    if len(text) <= 64 and (text.isascii() or not _UNSTORABLE.search(text)) and "\0" not in text:
         return text
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def describe_key(key: Key | None) -> str:
@@ -327,19 +330,67 @@ def resolve_call_key(
 
 
 @dataclass(frozen=True)
+class CancelOn:
+    """An event that cancels the job when it is sent (``Reliable.send_event``).
+
+    ``match`` maps paths in the event's data (``"order.id"``) to keys of the call
+    (``"arg:order_id"``; for routes also ``"path:..."``, ``"json:..."``, ``"header:..."``;
+    or a function), resolved when the job is enqueued: only an event whose data has
+    those values (compared as text, up to 64 characters) cancels it.
+    """
+
+    event: str
+    match: Mapping[str, Key] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, value: str | CancelOn | None, fn: Callable[..., Any], *, route: bool
+    ) -> CancelOn | None:
+        """Check ``cancel_on=`` when the decorator runs; raises ``ConfigError``."""
+        if value is None:
+            return None
+        found = cls(value) if isinstance(value, str) else value
+        if not isinstance(found, CancelOn):
+            raise ConfigError(
+                "cancel_on", f"expected an event name or CancelOn(...), got {value!r}"
+            )
+        if not isinstance(found.event, str) or not 0 < len(found.event) <= 200:
+            raise ConfigError("cancel_on", f"an event name is 1 to 200 characters: {found.event!r}")
+        for path, key in found.match.items():
+            if not isinstance(path, str) or not path:
+                raise ConfigError("cancel_on", f"a match path is a non-empty string: {path!r}")
+            check_key(key, option="cancel_on", fn=fn, route=route)
+        return found
+
+    def resolve(self, resolve: Resolver) -> tuple[str, str | None]:
+        """The event and its match (JSON text) for one call."""
+        match = {path: resolve(key, "cancel_on") for path, key in self.match.items()}
+        return self.event, json.dumps(match, separators=(",", ":")) if match else None
+
+
+@dataclass(frozen=True)
 class FlowPlan:
-    """What the store must enforce for one new job, with its keys resolved."""
+    """What the store must enforce for one new job, with its keys resolved (the event
+    that cancels it included)."""
 
     limits: str | None = None
     rate_limits: tuple[RateCheck, ...] = ()
     debounce: DebounceCheck | None = None
+    cancel_on: str | None = None
+    cancel_match: str | None = None
 
 
 Resolver = Callable[[Key, str], str]
 
 
-def plan(task: str, flow: FlowOptions, resolve: Resolver) -> FlowPlan:
-    """Resolve every key of ``flow`` for one call and name the scopes it counts in."""
+def plan(
+    task: str, flow: FlowOptions, resolve: Resolver, cancel_on: CancelOn | None = None
+) -> FlowPlan:
+    """Resolve every key of ``flow`` (and of ``cancel_on``) for one call and name the
+    scopes it counts in."""
+    if cancel_on is not None:
+        event, match = cancel_on.resolve(resolve)
+        return replace(plan(task, flow, resolve), cancel_on=event, cancel_match=match)
     if flow.empty:
         return FlowPlan()
     keys: dict[str, str] = {}

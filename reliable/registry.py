@@ -8,6 +8,7 @@ task name stands for, with which options, and in which queues to look for jobs. 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import ConfigError
@@ -17,7 +18,11 @@ from .tasks import DEFAULT_QUEUE, Task
 
 
 class Registry:
-    """Registered tasks by name (``tasks``), and the ``runtime`` they run in."""
+    """Registered tasks by name and alias (``tasks``), and the ``runtime`` they run in.
+
+    A worker claims only jobs of tasks registered here: a job whose task no worker
+    knows (a rolling deploy, a renamed task without ``aliases=``) waits, queued.
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -32,14 +37,30 @@ class Registry:
         variable.
         """
         task.options = apply_overrides(task.options, os.environ)
-        existing = self.tasks.get(task.name)
-        if existing is not None and existing.fn is not task.fn:
-            raise ConfigError(
-                "name",
-                f"a task named {task.name!r} is already registered "
-                f"({existing.fn.__module__}.{existing.fn.__qualname__}); pass name=...",
-            )
-        self.tasks[task.name] = task
+        for name in (task.name, *task.options.aliases):
+            existing = self.tasks.get(name)
+            if existing is not None and existing.fn is not task.fn:
+                raise ConfigError(
+                    "name" if name == task.name else "aliases",
+                    f"a task named {name!r} is already registered "
+                    f"({existing.fn.__module__}.{existing.fn.__qualname__}); pass name=...",
+                )
+        for name in (task.name, *task.options.aliases):
+            self.tasks[name] = task
+
+    def claimable(
+        self, queues: Sequence[str] | None, paused: dict[str, set[str]]
+    ) -> tuple[list[str], list[str]]:
+        """The queues (``queues``, default: every queue of a task) and the task names
+        (aliases included) whose jobs may be claimed now: those not ``paused``."""
+        stopped_tasks = paused.get("task", set())
+        names = [
+            name
+            for name, task in self.tasks.items()
+            if name not in stopped_tasks and task.name not in stopped_tasks
+        ]
+        wanted = list(queues) if queues else self.queues()
+        return [q for q in wanted if q not in paused.get("queue", set())], names
 
     def limited_at_claim(self) -> bool:
         """Whether any task here has a concurrency cap or a throttle (checked at claim)."""

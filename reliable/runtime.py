@@ -9,6 +9,7 @@ need; none of them knows the ``Reliable`` façade built on top of it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -18,6 +19,10 @@ from .errors import JobNotFound
 from .jobs import JobInfo
 from .settings import Settings
 from .store import Store
+
+# How long a worker trusts the pauses it read: a pause (or resume) in another process
+# takes effect within this, and a claim's poll interval.
+PAUSES_CHECK_SECONDS = 0.25
 
 # May the caller (a framework request) read or cancel this job? See
 # ``Reliable.status_access``.
@@ -49,6 +54,8 @@ class Runtime:
         self.inline: dict[str, AttemptControl] = {}  # attempts of run_until_idle
         self._store: Store | None = None
         self._lock = threading.Lock()
+        self._pauses: dict[str, set[str]] = {}
+        self._pauses_until = 0.0  # time.monotonic() when to read the pauses again
 
     @property
     def store(self) -> Store:
@@ -76,14 +83,26 @@ class Runtime:
         this process learn of it at once. Raises ``JobNotFound``."""
         if self.store.get_status(job_id) is None:
             raise JobNotFound(job_id)
-        cancelled = self.store.cancel(job_id, self.clock.now())
-        if cancelled:
+        return bool(self.cancelled(self.store.cancel_many([job_id], self.clock.now())))
+
+    def cancelled(self, job_ids: list[str]) -> list[str]:
+        """Jobs were cancelled in the store: tell the attempts of this process at once."""
+        for job_id in job_ids:
             inline = self.inline.get(job_id)
             if inline is not None:
                 inline.stop(CANCELLED)
-            if self.worker is not None:
-                self.worker.cancelled([job_id])
-        return cancelled
+        if job_ids and self.worker is not None:
+            self.worker.cancelled(job_ids)
+        return job_ids
+
+    def paused(self, *, fresh: bool = False) -> dict[str, set[str]]:
+        """The paused tasks and queues (``{"task": ..., "queue": ...}``), read from the
+        store at most every ``PAUSES_CHECK_SECONDS`` unless ``fresh``."""
+        now = time.monotonic()
+        if fresh or now >= self._pauses_until:
+            self._pauses = self.store.paused()
+            self._pauses_until = now + PAUSES_CHECK_SECONDS
+        return self._pauses
 
     def close(self) -> None:
         """Release the store's connections (reopened on next use)."""

@@ -23,6 +23,7 @@ import base64
 import dataclasses
 import functools
 import json
+import re
 import threading
 import typing
 import uuid
@@ -39,6 +40,8 @@ TAG = "$reliable"
 # literally). Text without it holds no tag and no escaped key, so it needs no hook.
 _TAG_IN_TEXT = '"' + TAG
 _ESCAPED_IN_TEXT = _TAG_IN_TEXT + "$"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 
 T = TypeVar("T")
 
@@ -141,6 +144,26 @@ def _is_pydantic_model(value: object) -> bool:
     return hasattr(cls, "model_validate") and hasattr(value, "model_dump")
 
 
+def _timedelta_value(value: timedelta) -> float | list[int]:
+    """Seconds, where a float keeps every microsecond (below some 270 years); else
+    ``[days, seconds, microseconds]``, exact."""
+    seconds = value.total_seconds()
+    try:
+        if timedelta(seconds=seconds) == value:
+            return seconds
+    except OverflowError:
+        pass
+    return [value.days, value.seconds, value.microseconds]
+
+
+def _timedelta(value: object) -> timedelta:
+    if isinstance(value, list):
+        if len(value) != 3 or not all(type(part) is int for part in value):
+            raise TypeError("expected seconds, or [days, seconds, microseconds]")
+        return timedelta(days=value[0], seconds=value[1], microseconds=value[2])
+    return timedelta(seconds=_seconds(value))
+
+
 def _encode(value: object) -> dict[str, Any]:
     if isinstance(value, datetime):
         return {TAG: "datetime", "value": value.isoformat()}
@@ -149,7 +172,7 @@ def _encode(value: object) -> dict[str, Any]:
     if isinstance(value, time):
         return {TAG: "time", "value": value.isoformat()}
     if isinstance(value, timedelta):
-        return {TAG: "timedelta", "value": value.total_seconds()}
+        return {TAG: "timedelta", "value": _timedelta_value(value)}
     if isinstance(value, uuid.UUID):
         return {TAG: "uuid", "value": str(value)}
     if isinstance(value, Decimal):
@@ -231,8 +254,20 @@ def dumps(value: object) -> str:
         raise
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"cannot store value as JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise SerializationError("cannot store value as JSON: it is nested too deeply") from exc
     finally:
         _tag_count.tags = outer
+    if not text.isascii() and _SURROGATE.search(text):
+        # A lone surrogate (from JSON such as "\ud800", or a file name) has no UTF-8 form,
+        # so no database takes it: write it escaped, as ensure_ascii would; loads reads it.
+        # Two in a row that make a pair would come back as the one character they encode.
+        if _SURROGATE_PAIR.search(text):
+            raise SerializationError(
+                "cannot store value as JSON: a string holds a surrogate pair as two code "
+                "points, which JSON cannot tell from the character they encode"
+            )
+        text = _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
     return text
 
 
@@ -258,7 +293,7 @@ _BUILT_IN: dict[str, Callable[[object], object]] = {
     "datetime": lambda value: datetime.fromisoformat(_text(value)),
     "date": lambda value: date.fromisoformat(_text(value)),
     "time": lambda value: time.fromisoformat(_text(value)),
-    "timedelta": lambda value: timedelta(seconds=_seconds(value)),
+    "timedelta": _timedelta,
     "uuid": lambda value: uuid.UUID(_text(value)),
     "decimal": lambda value: Decimal(_text(value)),
     "bytes": lambda value: base64.b64decode(_text(value), validate=True),

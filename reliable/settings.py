@@ -156,10 +156,12 @@ class Settings:
     poll_interval: float = _setting(1.0, _positive_seconds)
     shutdown_grace: float = _setting(30.0, _seconds)
     idempotency_ttl: float = _setting(86400.0, _positive_seconds)
-    result_ttl: float = _setting(7 * 86400.0, _positive_seconds)
+    # None (0 or "none"): finished jobs are kept until purged by hand.
+    result_ttl: float | None = _setting(7 * 86400.0, _optional_seconds)
     max_payload: int = _setting(1024 * 1024, _int(0))
     url_prefix: str = _setting("/_reliable", _url_prefix)
     dashboard_token: str | None = _setting(None, _optional_text)
+    dashboard_read_token: str | None = _setting(None, _optional_text)
     redact_headers: tuple[str, ...] = _setting((), _header_names)
     sqlite_synchronous: str = _setting("FULL", _synchronous)
     auto_migrate: bool = _setting(True, _bool)

@@ -5,17 +5,27 @@ from __future__ import annotations
 import hashlib
 import inspect
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Generic, ParamSpec, TypeVar
 
 import tenacity
 
+from .calls import (
+    NO_OPTIONS,
+    Call,
+    EnqueueOptions,
+    check_priority,
+    check_queue,
+    check_within,
+    deadline,
+)
 from .durations import Duration, parse_duration
 from .errors import ConfigError, IdempotencyConflict, PayloadTooLarge, SerializationError
 from .handles import JobHandle
 from .jobs import JobInfo
-from .limits import FlowOptions, FlowPlan, plan, resolve_call_key
+from .limits import CancelOn, FlowOptions, FlowPlan, plan, resolve_call_key
 from .runtime import Runtime
 from .serialization import dumps, register_annotations
 from .store import IdempotencyClaim, NewJob
@@ -51,6 +61,13 @@ class TaskOptions:
     idempotency_key: IdempotencyKeyFunction | None
     on_failure: FailureHook | None
     flow: FlowOptions = field(default_factory=FlowOptions)
+    aliases: tuple[str, ...] = ()
+    cancel_on: CancelOn | None = None
+    start_within: float | None = None
+    finish_within: float | None = None
+    # The task these options belong to (set by ``Task``): called, they make a ``Call``
+    # of it (``send_invoice.options(delay="10m")``), the name the public API gives.
+    task: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -66,13 +83,21 @@ class TaskOptions:
         priority: int = 0,
         idempotency_key: IdempotencyKeyFunction | None = None,
         on_failure: FailureHook | None = None,
+        aliases: Sequence[str] = (),
+        cancel_on: str | CancelOn | None = None,
+        start_within: Duration | None = None,
+        finish_within: Duration | None = None,
         route: bool = False,
         **flow: Any,
     ) -> TaskOptions:
         """Check every option now, so a bad one fails at import, not at the first job.
 
         ``flow`` holds ``concurrency``, ``rate_limit``, ``throttle``, ``debounce``,
-        ``key`` and ``max_wait`` (see ``reliable.limits``).
+        ``key`` and ``max_wait`` (see ``reliable.limits``). ``aliases``: former names of
+        the task, whose queued jobs it runs (for renames). ``cancel_on``: an event name,
+        or ``CancelOn(event, match={...})``, that cancels the job when sent.
+        ``start_within``, ``finish_within``: deadlines of each job, counted from when it
+        is due (durations > 0; see ``TaskOptions.__call__``).
         """
         unknown = set(flow) - FLOW_OPTIONS
         if unknown:
@@ -91,14 +116,17 @@ class TaskOptions:
         timeout_seconds = None if timeout is None else parse_duration(timeout, name="timeout")
         if timeout_seconds == 0:
             raise ConfigError("timeout", "must be > 0 (leave it unset for no timeout)")
-        if not isinstance(queue, str) or not queue or len(queue) > 100 or "," in queue:
-            raise ConfigError("queue", f"a queue name is 1 to 100 characters, no commas: {queue!r}")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ConfigError("priority", f"expected a whole number, got {priority!r}")
+        check_queue(queue)
+        check_priority(priority)
         if idempotency_key is not None and not callable(idempotency_key):
             raise ConfigError("idempotency_key", "expected a function of the task's arguments")
         if on_failure is not None and not callable(on_failure):
             raise ConfigError("on_failure", "expected a function taking the failed JobInfo")
+        if isinstance(aliases, str) or not all(
+            isinstance(alias, str) and 0 < len(alias) <= 200 and alias != name for alias in aliases
+        ):
+            raise ConfigError("aliases", f"expected other names of the task, got {aliases!r}")
+        cancel = CancelOn.build(cancel_on, fn, route=route)
         return cls(
             name=name,
             retries=retries,
@@ -110,7 +138,46 @@ class TaskOptions:
             idempotency_key=idempotency_key,
             on_failure=on_failure,
             flow=FlowOptions.build(fn, route=route, **flow),
+            aliases=tuple(aliases),
+            cancel_on=cancel,
+            start_within=check_within(start_within, "start_within"),
+            finish_within=check_within(finish_within, "finish_within"),
         )
+
+    def __call__(
+        self,
+        *,
+        delay: Duration | None = None,
+        run_at: datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        start_within: Duration | None = None,
+        finish_within: Duration | None = None,
+    ) -> Call[..., Any]:
+        """The options of one enqueue of this task, apart from its arguments:
+        ``send_invoice.options(delay="10m", priority=5).enqueue(42)``.
+
+        ``delay`` (seconds, ``timedelta`` or ``"10m"``, >= 0) or ``run_at`` (an aware
+        ``datetime``): when the job is due (default: now). ``priority``, ``queue``,
+        ``idempotency_key``: instead of the task's. ``start_within``: the job fails,
+        without running, if it has not started this long after it is due;
+        ``finish_within``: it fails if it has not finished by then, retries and sleeps
+        included (both instead of the task's). Raises ``ConfigError`` naming a bad
+        option now, before anything is stored.
+        """
+        if self.task is None:
+            raise TypeError(f"the options of {self.name} belong to no task")
+        options = EnqueueOptions.build(
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+            queue=queue,
+            idempotency_key=idempotency_key,
+            start_within=start_within,
+            finish_within=finish_within,
+        )
+        return Call(self.task, options)
 
 
 class Task(Generic[P, R]):
@@ -140,6 +207,20 @@ class Task(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
 
+    @property
+    def options(self) -> TaskOptions:
+        """The task's validated options (``task.options.retries``); called, the options
+        of one enqueue: ``task.options(delay="10m").enqueue(...)`` (see
+        ``TaskOptions.__call__``)."""
+        return self._options
+
+    @options.setter
+    def options(self, options: TaskOptions) -> None:
+        if options.task is not self:
+            options = replace(options)
+            object.__setattr__(options, "task", self)
+        self._options = options
+
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
@@ -156,17 +237,44 @@ class Task(Generic[P, R]):
         ``SerializationError`` naming the argument that cannot be stored as JSON,
         ``PayloadTooLarge`` past ``RELIABLE_MAX_PAYLOAD``, and ``IdempotencyConflict``
         when the key was used with other arguments. Nothing is stored in any case.
+        For a delay, a priority, a queue or deadlines of this call, use
+        ``task.options(...).enqueue(...)``.
         """
+        options = (
+            NO_OPTIONS
+            if idempotency_key is None
+            else EnqueueOptions(idempotency_key=idempotency_key)
+        )
+        return self.enqueue_with(options, args, kwargs)
+
+    def enqueue_with(
+        self,
+        options: EnqueueOptions,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        idempotency_scope: str | None = None,
+    ) -> JobHandle[R]:
+        """``enqueue`` with the options of this call (see ``TaskOptions.__call__``);
+        ``idempotency_scope`` defaults to the task. Raises as ``enqueue``."""
         self.check_call(args, kwargs)
+        idempotency_key = options.idempotency_key
         if idempotency_key is None and self.options.idempotency_key is not None:
             idempotency_key = str(self.options.idempotency_key(*args, **kwargs))
         flow = plan(
             self.name,
             self.options.flow,
             lambda key, option: resolve_call_key(key, option, self.fn, args, kwargs),
+            self.options.cancel_on,
         )
         payload = self.encode(args, kwargs)
-        return self.enqueue_payload(payload, idempotency_key=idempotency_key, flow=flow)
+        return self.enqueue_payload(
+            payload,
+            idempotency_key=idempotency_key,
+            idempotency_scope=idempotency_scope,
+            flow=flow,
+            call=options,
+        )
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The call as the job's JSON payload; raises ``SerializationError`` naming the
@@ -198,30 +306,39 @@ class Task(Generic[P, R]):
         idempotency_scope: str | None = None,
         fingerprint: str | None = None,
         flow: FlowPlan | None = None,
+        call: EnqueueOptions | None = None,
     ) -> JobHandle[R]:
         """Commit a job of this task with an already-encoded JSON ``payload``.
 
         ``idempotency_scope`` defaults to the task; ``fingerprint`` (default: a hash of
         the payload) tells a replay from a conflicting reuse of the key. ``flow`` is the
-        job's flow control with its keys resolved. Raises ``RateLimited`` when a rate
-        limit refuses the job, ``IdempotencyConflict`` for a key used with another
-        payload, ``ConfigError`` for a malformed key (nothing is stored).
+        job's flow control with its keys resolved; ``call`` the options of this call
+        (when it is due, its priority, queue and deadlines). Raises ``RateLimited`` when
+        a rate limit refuses the job, ``IdempotencyConflict`` for a key used with
+        another payload, ``ConfigError`` for a malformed key (nothing is stored).
         """
         flow = flow or FlowPlan()
+        call = call or NO_OPTIONS
+        options = self.options
         runtime = self.runtime
         now = runtime.clock.now()
+        due = call.due_at(now)
         job = NewJob(
             id=uuid.uuid4().hex,
             task=self.name,
-            queue=self.options.queue,
-            priority=self.options.priority,
+            queue=call.queue or options.queue,
+            priority=options.priority if call.priority is None else call.priority,
             payload=payload,
-            run_at=now,
+            run_at=due,
             created_at=now,
             idempotency_key=idempotency_key,
             limits=flow.limits,
             rate_limits=flow.rate_limits,
             debounce=flow.debounce,
+            cancel_on=flow.cancel_on,
+            cancel_match=flow.cancel_match,
+            start_by=deadline(due, call.start_within, options.start_within),
+            finish_by=deadline(due, call.finish_within, options.finish_within),
         )
         claim = None
         if idempotency_key is not None:

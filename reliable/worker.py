@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from functools import partial
+from typing import Any
 
 from .context import CANCELLED, LEASE_LOST, SHUTDOWN
 from .errors import StoreError
@@ -44,8 +45,10 @@ from .leases import LeaseKeeper
 from .logs import install_default_handler
 from .overruns import Overruns
 from .registry import Registry
+from .schedules import Timetable
 from .store import AttemptStates, ClaimedJob, Outcome
 from .store.sqlite import CHANGE_CHECK_SECONDS, ChangeWatch
+from .timekeeper import Timekeeper
 
 log = logging.getLogger("reliable.worker")
 
@@ -80,11 +83,17 @@ class Worker:
     finish for up to ``timeout`` seconds (default ``RELIABLE_SHUTDOWN_GRACE``), gives
     back at once the jobs it claimed ahead, and tells the attempts still running to
     stop. Those keep their jobs until they return (or until the process exits, which
-    gives them back at once).
+    gives them back at once). It also enqueues the due ticks of ``timetable`` and
+    removes finished jobs past ``RELIABLE_RESULT_TTL`` (see ``Timekeeper``).
     """
 
     def __init__(
-        self, registry: Registry, *, threads: int, queues: Sequence[str] | None = None
+        self,
+        registry: Registry,
+        *,
+        threads: int,
+        queues: Sequence[str] | None = None,
+        timetable: Timetable | None = None,
     ) -> None:
         if threads < 1:
             raise ValueError("a worker needs at least one thread")
@@ -119,6 +128,8 @@ class Worker:
         self._listener: object | None = None
         self._watch: ChangeWatch | None = None
         self._keeper: LeaseKeeper | None = None
+        # Cron ticks and retention (RELIABLE_RESULT_TTL), on a thread of their own.
+        self._timekeeper = Timekeeper(runtime, timetable, self.id)
         self._exit_hook = partial(_release_at_exit, weakref.ref(self))
 
     @property
@@ -151,15 +162,10 @@ class Worker:
             self.runtime.settings.lease_seconds,
             self._held,
             self._learn,
-            {
-                "hostname": socket.gethostname(),
-                "pid": os.getpid(),
-                "queues": self.queues,
-                "threads": self.threads,
-                "started_at": self.started_at,
-            },
+            self._about,
         )
         self._keeper.start()
+        self._timekeeper.start()
         for _ in range(self.threads):
             self._start_executor()
         self._dispatcher = threading.Thread(
@@ -247,6 +253,17 @@ class Worker:
         log.info("worker %s gave back %d jobs still running at exit", self.id, count)
 
     # -- what the lease keeper learns -----------------------------------------------------
+
+    def _about(self) -> dict[str, Any]:
+        """What the workers table says of this worker (tasks may be registered later)."""
+        return {
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": self.queues,
+            "threads": self.threads,
+            "started_at": self.started_at,
+            "tasks": list(self.registry.tasks),
+        }
 
     def _held(self) -> list[tuple[str, int]]:
         with self._cond:
@@ -454,14 +471,15 @@ class Worker:
                 group: RIDERS_PER_SLOT * count - len(self._handover.riders.get(group, ()))
                 for group, count in held.items()
             }
+        queues, tasks = self.registry.claimable(self._queues, self.runtime.paused())
         result = self.store.claim(
             self.id,
-            self.queues,
+            queues,
             max(wanted, 0),
             self.runtime.clock.now(),
             self.runtime.settings.lease_seconds,
             finished,
-            tasks=list(self.registry.tasks),
+            tasks=tasks,
             limited=self.registry.limited_at_claim(),
             held=held if short else None,
             riders={g: n for g, n in budget.items() if n > 0} if short else None,
@@ -551,6 +569,7 @@ class Worker:
             self._work.put(None)
         if self._keeper is not None:
             self._keeper.close()
+        self._timekeeper.close()
         self.store.remove_waker(self.wake)
         if self._listener is not None:
             self._listener.close()  # type: ignore[attr-defined]

@@ -103,3 +103,22 @@ def test_unknown_job_is_a_clear_cli_error(db_url: str) -> None:
     completed = run_cli("jobs", "show", "0" * 32, "--database-url", db_url)
     assert completed.returncode == 2
     assert "no job with id" in completed.stderr
+
+
+def test_indexes_of_due_jobs_keep_their_descending_priority(tmp_path: Path) -> None:
+    """Alembic cannot compare ``priority DESC`` on SQLite (see above), and a table that
+    batch mode copies gets its indexes back without it: the claim would sort instead of
+    reading due jobs in order."""
+    store = Store(f"sqlite:///{tmp_path / 'desc.db'}")
+    try:
+        with store.engine.connect() as connection:
+            sql = dict(
+                connection.exec_driver_sql(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+                ).all()
+            )
+            connection.rollback()
+    finally:
+        store.close()
+    assert "priority DESC" in sql["ix_reliable_jobs_due"]
+    assert "priority DESC" in sql["ix_reliable_jobs_blocked"]

@@ -18,12 +18,15 @@ MAX_LINES = 600
 # belongs to the layer of its package's entry.
 LAYERS = [
     ["reliable.errors", "reliable.clock", "reliable.durations", "reliable.serialization",
-     "reliable.settings", "reliable.logs", "reliable.context"],
+     "reliable.settings", "reliable.logs", "reliable.context", "reliable.cron",
+     "reliable.background"],
     ["reliable.store"],
     ["reliable.jobs", "reliable.limits", "reliable.runtime"],
-    ["reliable.handles", "reliable.tasks", "reliable.overrides", "reliable.registry"],
+    ["reliable.handles", "reliable.tasks", "reliable.overrides", "reliable.registry",
+     "reliable.calls", "reliable.schedules"],
     ["reliable.steps", "reliable.execution", "reliable.handover", "reliable.overruns",
-     "reliable.leases", "reliable.worker", "reliable.web"],
+     "reliable.leases", "reliable.worker", "reliable.web", "reliable.operations",
+     "reliable.retention", "reliable.timekeeper"],
     ["reliable.app"],
     ["reliable.cli", "reliable.integrations", "reliable"],
 ]  # fmt: skip

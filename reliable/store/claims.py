@@ -91,6 +91,9 @@ def _start(where: Any, *, holding: str | None = None) -> Any:
             jobs.c.priority,
             jobs.c.run_at,
             jobs.c.limits,
+            jobs.c.attempt_base,
+            jobs.c.start_by,
+            jobs.c.finish_by,
         )
     )
 
@@ -153,6 +156,11 @@ _SETTLE = (
         lease_expires_at=None,
         slots_held=0,
     )
+)
+
+
+_MET_START = per_dialect(
+    lambda d: update(jobs).where(one_of(jobs.c.id, "ids", d)).values(start_by=None)
 )
 
 
@@ -258,6 +266,9 @@ class Claiming(Database):
                     r.limits,
                     groups.get(r.id),
                     r.id in holding,
+                    r.attempt_base,
+                    r.start_by,
+                    r.finish_by,
                 )
                 for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
             ]
@@ -448,6 +459,9 @@ class Claiming(Database):
             ]
             if failed_attempts:
                 connection.execute(attempts.insert(), failed_attempts)
+            began = [o.job_id for o in applied if o.began]
+            if began:  # a start deadline met: retries and resumptions are not held to it
+                connection.execute(_MET_START[self.dialect], {"ids": began})
             for o in applied:
                 if o.waits and not steps.has_waits(connection, o.job_id):
                     # The event arrived while this attempt was settling.

@@ -107,4 +107,8 @@ class Enqueuing(Database):
             "created_at": job.created_at,
             "idempotency_key": job.idempotency_key,
             "limits": job.limits,
+            "cancel_on": job.cancel_on,
+            "cancel_match": job.cancel_match,
+            "start_by": job.start_by,
+            "finish_by": job.finish_by,
         }

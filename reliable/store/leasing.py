@@ -3,6 +3,7 @@ back at shutdown."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ class Leasing(Database):
         queues: Sequence[str],
         threads: int,
         started_at: float,
+        tasks: Sequence[str] = (),
     ) -> AttemptStates:
         """Renew the leases ``worker_id`` holds for ``held`` (job id, attempt); record the
         worker alive. Returns which of them were cancelled meanwhile, and which lost
@@ -72,10 +74,12 @@ class Leasing(Database):
                 threads=threads,
                 started_at=started_at,
                 heartbeat_at=at,
+                tasks=json.dumps(sorted(tasks)),
             )
             connection.execute(
                 stmt.on_conflict_do_update(
-                    index_elements=[workers.c.id], set_={"heartbeat_at": stmt.excluded.heartbeat_at}
+                    index_elements=[workers.c.id],
+                    set_={"heartbeat_at": stmt.excluded.heartbeat_at, "tasks": stmt.excluded.tasks},
                 )
             )
         return AttemptStates.of(held, renewed)

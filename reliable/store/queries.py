@@ -1,5 +1,4 @@
-"""What operators read and do: a job, its attempts, counts, flow-control state, and
-cancel."""
+"""What callers and operators read: a job, its attempts, counts, flow-control state."""
 
 from __future__ import annotations
 
@@ -9,10 +8,9 @@ from typing import Any
 from sqlalchemy import (
     func,
     select,
-    update,
 )
 
-from . import flow_state, steps
+from . import flow_state
 from .database import Database
 from .records import (
     AttemptRow,
@@ -20,14 +18,13 @@ from .records import (
 )
 from .schema import (
     IS_DUE,
-    TERMINAL,
     attempts,
     jobs,
 )
 
 
 class Querying(Database):
-    """Reads of jobs for callers and operators, and their actions (see ``Store``)."""
+    """Reads of jobs for callers and operators (see ``Store``)."""
 
     def get_job(self, job_id: str) -> JobRow | None:
         with self._read() as connection:
@@ -72,26 +69,3 @@ class Querying(Database):
     def flow_state(self, now: float) -> dict[str, list[dict[str, Any]]]:
         with self._read() as connection:
             return flow_state.state(connection, now)
-
-    def cancel(self, job_id: str, now: float) -> bool:
-        """Cancel a job that has not finished; return false if it had.
-
-        A queued or sleeping job never runs. A running attempt keeps its lease and its
-        concurrency slots until it has really ended (its worker learns of the cancel and
-        stops it at its next step boundary); its outcome is then discarded.
-        """
-        with self._write() as connection:
-            row = connection.execute(
-                select(jobs.c.status).where(jobs.c.id == job_id).with_for_update()
-            ).first()
-            if row is None or row.status in TERMINAL:
-                return False
-            connection.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(status="cancelled", finished_at=now, blocked_on=None)
-            )
-            if row.status == "sleeping":
-                steps.remove_waits(connection, job_id)
-        self._notify_changed()
-        return True

@@ -60,6 +60,12 @@ class NewJob:
     limits: str | None = None
     rate_limits: tuple[RateCheck, ...] = ()
     debounce: DebounceCheck | None = None
+    cancel_on: str | None = None
+    cancel_match: str | None = None
+    # Deadlines (UTC epoch seconds): to start by (``start_within``), to finish by
+    # (``finish_within``), retries and sleeps included.
+    start_by: float | None = None
+    finish_by: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,11 @@ class ClaimedJob:
     limits: str | None = None
     slot_group: str | None = None
     holds_slots: bool = False
+    # Attempts made before the job's last manual retry: not counted against its retries.
+    attempt_base: int = 0
+    # The job's deadlines (see ``NewJob``); ``start_by`` only until it first ran.
+    start_by: float | None = None
+    finish_by: float | None = None
 
 
 @dataclass(slots=True)
@@ -143,6 +154,9 @@ class Outcome:
     # The job's limits JSON, as claimed: a claim locks the counters of the slots it may
     # give back before it reads any other.
     limits: str | None = None
+    # The task's function was called in this attempt of a job with a start deadline:
+    # the deadline was met, and is cleared when the outcome is settled.
+    began: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +182,12 @@ class JobRow:
     limits: str | None
     blocked_on: str | None
     slots_held: int
+    attempt_base: int = 0
+    replay_of: str | None = None
+    cancel_on: str | None = None
+    cancel_match: str | None = None
+    start_by: float | None = None
+    finish_by: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """The tables, as SQLAlchemy Core metadata; the same schema on SQLite and PostgreSQL.
 
-Times are UTC epoch seconds in ``DOUBLE`` columns whose names end in ``_at``. JSON
+Times are UTC epoch seconds in ``DOUBLE`` columns whose names end in ``_at`` (a time
+something happened or is due) or ``_by`` (a deadline). JSON
 documents (payloads, results, errors) are text written by ``reliable.serialization``.
 """
 
@@ -27,6 +28,7 @@ metadata = MetaData()
 CLAIMABLE = ("queued", "sleeping")
 # Statuses a job ends in.
 TERMINAL = ("succeeded", "failed", "cancelled")
+FINISHED_SQL = "('succeeded', 'failed', 'cancelled')"
 
 jobs = Table(
     "reliable_jobs",
@@ -54,6 +56,17 @@ jobs = Table(
     # claim path until a slot of that scope is released.
     Column("blocked_on", String(300)),
     Column("slots_held", Integer, nullable=False, server_default=text("0")),
+    # Attempts made before the last manual retry: they do not count against ``retries``.
+    Column("attempt_base", Integer, nullable=False, server_default=text("0")),
+    # The job this one replays (``Reliable.replay``).
+    Column("replay_of", String(32)),
+    # An event that cancels the job (``cancel_on=``), and what its data must match (JSON).
+    Column("cancel_on", String(200)),
+    Column("cancel_match", Text),
+    # Deadlines: to start by (``start_within``; cleared once the job has run), and to
+    # finish by (``finish_within``), retries and sleeps included.
+    Column("start_by", Double),
+    Column("finish_by", Double),
     # The claim path: an index lookup over due jobs only, highest priority first.
     Index(
         "ix_reliable_jobs_due",
@@ -94,6 +107,31 @@ jobs = Table(
     ),
     Index("ix_reliable_jobs_task_created", "task", "created_at"),
     Index("ix_reliable_jobs_status_created", "status", "created_at"),
+    # Retention: finished jobs, oldest first. A job is in it from when it finishes.
+    Index(
+        "ix_reliable_jobs_finished",
+        "finished_at",
+        sqlite_where=text(f"status IN {FINISHED_SQL}"),
+        postgresql_where=text(f"status IN {FINISHED_SQL}"),
+    ),
+    # Listings, newest first, a page after another (``Reliable.jobs``).
+    Index("ix_reliable_jobs_created", "created_at", "id"),
+    Index(
+        "ix_reliable_jobs_cancel_on",
+        "cancel_on",
+        sqlite_where=text("cancel_on IS NOT NULL"),
+        postgresql_where=text("cancel_on IS NOT NULL"),
+    ),
+)
+
+# Tasks and queues an operator paused: workers claim none of their jobs meanwhile.
+pauses = Table(
+    "reliable_pauses",
+    metadata,
+    Column("kind", String(8), nullable=False),  # task | queue
+    Column("name", String(200), nullable=False),
+    Column("paused_at", Double, nullable=False),
+    PrimaryKeyConstraint("kind", "name"),
 )
 
 # One row per attempt that did not succeed (the successful one is the job row itself).
@@ -121,6 +159,8 @@ idempotency_keys = Table(
     Column("expires_at", Double, nullable=False),
     PrimaryKeyConstraint("scope", "key"),
     Index("ix_reliable_idempotency_keys_expires", "expires_at"),
+    # Retention deletes the keys of the jobs it removes.
+    Index("ix_reliable_idempotency_keys_job", "job_id"),
 )
 
 # Slots in use per concurrency scope ("task#cap#key"); capacities live in the code.
@@ -168,6 +208,7 @@ debounces = Table(
     Column("scope", String(300), primary_key=True),
     Column("job_id", String(32), nullable=False),
     Column("first_at", Double, nullable=False),
+    Index("ix_reliable_debounces_job", "job_id"),
 )
 
 # Completed (and failed) steps of durable jobs: a completed step is never run again.
@@ -210,6 +251,24 @@ events = Table(
     Index("ix_reliable_events_name_created", "name", "created_at"),
 )
 
+# Cron schedules (``@rel.cron``): one row each, shared by every process. The job of a
+# tick is unique by its idempotency key (scope ``schedule:<name>``, the tick's time).
+schedules = Table(
+    "reliable_schedules",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("cron", String(200), nullable=False),
+    Column("timezone", String(64), nullable=False),
+    # Ticks up to this time are dealt with (enqueued, or skipped as too late); for a
+    # schedule that has not ticked yet, when it was first seen.
+    Column("last_tick_at", Double, nullable=False),
+    Column("next_tick_at", Double, nullable=False),
+    # The tick of the newest job enqueued, and that job.
+    Column("last_run_at", Double),
+    Column("last_job_id", String(32)),
+    Column("created_at", Double, nullable=False),
+)
+
 workers = Table(
     "reliable_workers",
     metadata,
@@ -220,6 +279,8 @@ workers = Table(
     Column("threads", Integer, nullable=False),
     Column("started_at", Double, nullable=False),
     Column("heartbeat_at", Double, nullable=False),
+    # The tasks it runs (JSON list), so listings can tell jobs no live worker knows.
+    Column("tasks", Text),
 )
 
 # Conditions written with literal values, not bound parameters, so that SQLite and
@@ -237,3 +298,6 @@ HOLDS_LEASE: ColumnElement[bool] = jobs.c.status.in_(
 # A job cancelled while its attempt ran stays cancelled whatever the attempt's outcome:
 # settling it only gives back the lease and the slots.
 IS_CANCELLED: ColumnElement[bool] = jobs.c.status == literal_column("'cancelled'")
+IS_FINISHED: ColumnElement[bool] = jobs.c.status.in_(
+    [literal_column(f"'{status}'") for status in TERMINAL]
+)

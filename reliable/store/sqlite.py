@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
 BUSY_TIMEOUT_SECONDS = 30.0
 # How often an idle worker looks for commits made by other processes.
@@ -48,7 +49,13 @@ def make_engine(url: URL, *, synchronous: str, pool_size: int) -> Engine:
         if options.get("reliable_autocommit"):
             return  # one statement, its own transaction
         begin = "BEGIN" if options.get("reliable_read") else "BEGIN IMMEDIATE"
-        connection.connection.driver_connection.execute(begin)
+        try:
+            connection.connection.driver_connection.execute(begin)
+        except sqlite3.Error as exc:
+            # Raised here, outside a statement, the driver's own error would reach callers
+            # as it is (a read-only file, a lock held past the busy timeout): wrapped, it
+            # is a DBAPIError like any other, which the store reports as a StoreError.
+            raise DBAPIError.instance(begin, None, exc, sqlite3.Error) from exc
 
     return engine
 

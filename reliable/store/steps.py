@@ -304,16 +304,6 @@ class Stepping(Database):
         with self._read() as connection:
             return get_wait(connection, job_id, step)
 
-    def send_event(self, event_id: str, name: str, data: str, now: float) -> list[str]:
-        """Store an event and wake every job waiting for it whose match it meets."""
-        with self._write() as connection:
-            woken = deliver(connection, self._insert, event_id, name, data, now)
-            if woken:
-                self._notify_other_processes(connection)
-        if woken:
-            self._wake()
-        return woken
-
     def get_steps(self, job_id: str) -> list[StepRow]:
         rows = self.load_steps(job_id)
         return sorted(rows.values(), key=lambda row: (row.position, row.started_at))

@@ -9,7 +9,10 @@ Each concept has its module; ``Store`` puts them together:
 - ``leasing``: leases renewed, checked, given back;
 - ``maintenance``: dead workers' jobs taken over, races repaired, admissions pruned;
 - ``steps``: steps, event waits and events;
-- ``queries``: reads of jobs, and operator actions.
+- ``queries``: reads of jobs;
+- ``operator``: listings, cancel, retry, replay, pauses, events;
+- ``schedules``: cron schedules and the ticks they dealt with;
+- ``retention``: finished jobs removed, a batch at a time.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from .claims import Claiming
 from .enqueue import Enqueuing
 from .leasing import Leasing
 from .maintenance import Maintaining
+from .operator import Operating
 from .queries import Querying
 from .reconnect import reconnecting
+from .retention import Purging
+from .schedules import Scheduling
 from .steps import Stepping
 
 
@@ -33,6 +39,16 @@ from .steps import Stepping
     "recover_expired",
     "release",
     "cancel",
+    "cancel_many",
+    "retry",
+    "replay",
+    "pause",
+    "resume",
+    "paused",
+    "known_tasks",
+    "list_jobs",
+    "count_jobs",
+    "job_ids",
     "load_steps",
     "record_step",
     "end_wait",
@@ -47,8 +63,23 @@ from .steps import Stepping
     "sweep_parked",
     "flow_state",
     "count_by_status",
+    "register_schedules",
+    "schedule_ticks",
+    "advance_schedule",
+    "list_schedules",
+    "purge_finished",
 )
-class Store(Enqueuing, Claiming, Leasing, Maintaining, Stepping, Querying):
+class Store(
+    Enqueuing,
+    Claiming,
+    Leasing,
+    Maintaining,
+    Stepping,
+    Querying,
+    Operating,
+    Scheduling,
+    Purging,
+):
     """Jobs, attempts, leases and idempotency keys in one database (see ``Database``).
 
     Every method is one transaction (or one statement), made once more when the

@@ -64,6 +64,17 @@ def problem(
     )
 
 
+# How long a client is told to wait before trying again when the job store failed.
+UNAVAILABLE_RETRY_SECONDS = 5
+
+
+def unavailable(detail: str) -> HttpResponse:
+    """503 with ``Retry-After``: the job store failed (down, read-only, full). ``detail``
+    is for the client: the database's own message stays in the server's log."""
+    headers = [("retry-after", str(UNAVAILABLE_RETRY_SECONDS))]
+    return problem(503, detail, headers=headers, retry_after=UNAVAILABLE_RETRY_SECONDS)
+
+
 def too_large(limit: int) -> HttpResponse:
     """413: the body is larger than ``RELIABLE_MAX_PAYLOAD``; nothing was stored."""
     return problem(413, f"the request body is larger than {limit} bytes")

@@ -13,21 +13,24 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import ConfigError, IdempotencyConflict, RateLimited, ReliableError
+from ..errors import ConfigError, IdempotencyConflict, RateLimited, ReliableError, StoreError
 from ..limits import Key, MissingKey, describe_key, plan, scope_value
 from ..registry import Registry
 from ..runtime import Runtime
 from ..serialization import dumps
 from ..store.records import RateState
 from ..tasks import Task, TaskOptions
-from .http import SECRET_RESPONSE_HEADERS, HttpResponse, accepted, problem
+from .http import SECRET_RESPONSE_HEADERS, HttpResponse, accepted, problem, unavailable
 from .idempotency import InvalidIdempotencyKey, parse_idempotency_key, request_fingerprint
 from .snapshot import NO_CREDENTIALS, Credentials, RequestSnapshot, hidden_headers
+
+log = logging.getLogger("reliable.web")
 
 IDEMPOTENCY_MODES = ("optional", "required", "off")
 RequestHook = Callable[[Any], Any]
@@ -222,7 +225,8 @@ def admit(
     request: Any = None,
     credentials: Credentials = NO_CREDENTIALS,
 ) -> HttpResponse:
-    """Check, snapshot and commit one request; decide the answer (SPEC §4).
+    """Check, snapshot and commit one request; decide the answer (SPEC §4), or 503 when
+    the job store fails (nothing accepted).
 
     ``snapshot`` still carries every header and argument; credentials (the credential
     headers, ``RELIABLE_REDACT_HEADERS`` and what ``credentials`` names for this route)
@@ -261,6 +265,7 @@ def admit(
             lambda key, option: resolve_request_key(
                 key, option, snapshot, request, settings.redact_headers, credentials
             ),
+            route.options.cancel_on,
         )
     except MissingKey as exc:
         return problem(400, str(exc))
@@ -289,12 +294,27 @@ def admit(
         )
     except RateLimited as exc:
         return rate_limited(route, exc)
-    status = (
-        (route.runtime.store.get_status(handle.id) or "queued") if handle.replayed else "queued"
-    )
+    except StoreError as exc:
+        return store_failed(route, exc)
+    try:
+        status = (
+            (route.runtime.store.get_status(handle.id) or "queued") if handle.replayed else "queued"
+        )
+    except StoreError as exc:
+        return store_failed(route, exc)
     response = accepted(handle.id, settings.url_prefix, replayed=handle.replayed, status=status)
     response.headers += rate_limit_headers(route, handle.rates)
     return response
+
+
+def store_failed(route: RouteTask, exc: StoreError) -> HttpResponse:
+    """503: the job store failed (down, read-only, full), so the request was not
+    accepted; the database's message is logged, not sent to the client."""
+    log.error("%s: the request was not accepted: %s", route.name, exc)
+    return unavailable(
+        "the job store is unavailable, so the request was not accepted; try again later "
+        "(with the same Idempotency-Key, if it had one)"
+    )
 
 
 def caller_fingerprint(credentials: Sequence[tuple[str, str]]) -> str:
@@ -378,7 +398,7 @@ def resolve_request_key(
 def _json_path(body: bytes, path: str) -> Any:
     try:
         value: Any = json.loads(body or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
         return None
     for part in path.split("."):
         if isinstance(value, dict):

@@ -3,22 +3,60 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec
 
-from ..errors import JobNotFound
+from ..errors import JobNotFound, StoreError
 from ..jobs import JobInfo
 from ..runtime import Runtime
-from .http import HttpResponse, problem, status_document
+from .http import HttpResponse, problem, status_document, unavailable
+
+log = logging.getLogger("reliable.web")
+P = ParamSpec("P")
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_WAIT_SECONDS = 60.0
+_NUMBER = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
 
 
 # Decides whether the caller may ``read`` or ``cancel`` the job: built by an integration
 # around the application's hook (see ``Reliable.status_access``).
 Allow = Callable[[JobInfo, str], bool]
+
+
+def _store_failed(exc: StoreError) -> HttpResponse:
+    log.error("the job status resource cannot read the job store: %s", exc)
+    return unavailable("the job store is unavailable; try again later")
+
+
+def _answers_503(fn: Callable[P, HttpResponse]) -> Callable[P, HttpResponse]:
+    """``fn``, answering 503 instead of raising when the job store fails."""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> HttpResponse:
+        try:
+            return fn(*args, **kwargs)
+        except StoreError as exc:
+            return _store_failed(exc)
+
+    return call
+
+
+def _answers_503_async(
+    fn: Callable[P, Awaitable[HttpResponse]],
+) -> Callable[P, Awaitable[HttpResponse]]:
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> HttpResponse:
+        try:
+            return await fn(*args, **kwargs)
+        except StoreError as exc:
+            return _store_failed(exc)
+
+    return call
 
 
 def not_found(job_id: str) -> HttpResponse:
@@ -30,15 +68,18 @@ def forbidden(job_id: str, action: str) -> HttpResponse:
 
 
 def parse_wait(raw: str | None) -> float | HttpResponse:
-    """``?wait=N`` as seconds (capped at 60), or a 400 problem for a bad value."""
-    if raw is None or raw == "":
+    """``?wait=N`` as seconds (capped at 60), or a 400 problem for a bad value.
+
+    N is a number as JSON writes one (``2``, ``0.5``, ``1e1``); not an empty string, nor
+    what only Python reads as one (``inf``, ``1_0``, `` 2 ``).
+    """
+    if raw is None:
         return 0.0
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return problem(400, f"wait must be a number of seconds, got {raw!r}")
+    if not _NUMBER.match(raw):
+        return problem(400, f"wait must be a number of seconds, got {raw[:40]!r}")
+    seconds = float(raw)
     if not seconds >= 0:
-        return problem(400, f"wait must be >= 0, got {raw!r}")
+        return problem(400, f"wait must be >= 0, got {raw[:40]!r}")
     return min(seconds, MAX_WAIT_SECONDS)
 
 
@@ -51,11 +92,12 @@ def _lookup(runtime: Runtime, job_id: str) -> JobInfo | None:
         return None
 
 
+@_answers_503
 def job_status(
     runtime: Runtime, job_id: str, wait: float = 0.0, allow: Allow | None = None
 ) -> HttpResponse:
     """The job's status document, after waiting up to ``wait`` s for a terminal state;
-    403 when ``allow`` refuses the caller."""
+    403 when ``allow`` refuses the caller, 503 when the job store fails."""
     info = _lookup(runtime, job_id)
     if info is None:
         return not_found(job_id)
@@ -71,6 +113,7 @@ def job_status(
     return HttpResponse.json(200, status_document(info, runtime.settings.redact_headers))
 
 
+@_answers_503_async
 async def job_status_async(
     runtime: Runtime, job_id: str, wait: float = 0.0, allow: Allow | None = None
 ) -> HttpResponse:
@@ -90,9 +133,10 @@ async def job_status_async(
     return HttpResponse.json(200, status_document(info, runtime.settings.redact_headers))
 
 
+@_answers_503
 def cancel_job(runtime: Runtime, job_id: str, allow: Allow | None = None) -> HttpResponse:
     """DELETE: cancel a job that has not finished; 409 if it already had, 403 when
-    ``allow`` refuses the caller."""
+    ``allow`` refuses the caller, 503 when the job store fails."""
     info = _lookup(runtime, job_id)
     if info is None:
         return not_found(job_id)
