@@ -127,7 +127,8 @@ if __name__ == "__main__":
         f"  curl -i -X POST '{base}/orders/42/receipt?template=short' "
         "-H 'Content-Type: application/json' -H 'X-Request-Id: demo-1' "
         """-d '{"email": "ada@example.com"}'\n"""
-        f"then follow the Location header: curl '{base}/_reliable/jobs/<id>?wait=10'",
+        f"then follow the Location header: curl '{base}/_reliable/jobs/<id>?wait=10'\n"
+        f"and see every job in the dashboard: {base}/_reliable/",
         flush=True,  # also when the output is a pipe, not a terminal
     )
     app.run("127.0.0.1", port, threaded=True)

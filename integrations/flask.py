@@ -29,6 +29,8 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import is_running_from_reloader
 
 from reliable import ConfigError, Reliable, ReliableError, current_job
+from reliable.dashboard import Console
+from reliable.dashboard.wsgi import console_request
 from reliable.runtime import Runtime
 from reliable.web import (
     HttpResponse,
@@ -88,10 +90,12 @@ class ReliableFlask:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Serve the job status resource, start the embedded worker, add ``flask reliable``.
+        """Serve the job status resource and the dashboard, start the embedded worker, add
+        ``flask reliable``.
 
         The status resource is ``GET`` (``?wait=N``) and ``DELETE`` on
-        ``{RELIABLE_URL_PREFIX}/jobs/<id>``. The embedded worker starts here and stops
+        ``{RELIABLE_URL_PREFIX}/jobs/<id>``; every other path under the prefix is the
+        dashboard (``reliable.dashboard``). The embedded worker starts here and stops
         gracefully at interpreter exit; it does not start when the Reliable's
         ``embedded_worker`` setting is off (``RELIABLE_EMBEDDED_WORKER=0``), under the
         ``flask`` command other than ``flask run`` (``flask shell``, ``flask reliable
@@ -104,6 +108,11 @@ class ReliableFlask:
           starting the embedded worker (say, in a test configuration).
         - ``RELIABLE_WORKER_THREADS`` (default: the Reliable's ``worker_threads``):
           threads of the embedded worker.
+        - ``RELIABLE_SHARE_SQLALCHEMY_ENGINE`` (default ``False``): ``True`` puts the job
+          store in Flask-SQLAlchemy's database and pool (its default engine;
+          ``SQLAlchemy(app)`` must come first), so that
+          ``task.options(session=db.session)`` writes jobs in the request's
+          transaction (docs/transactions.md).
 
         Every other setting (database, URL prefix, payload limit, TTLs) belongs to the
         ``Reliable``. Raises ``RuntimeError`` when the app already has the extension and
@@ -114,6 +123,8 @@ class ReliableFlask:
         rel = self.reliable
         embedded = _config_flag(app.config, "RELIABLE_EMBEDDED_WORKER", default=True)
         threads = _config_threads(app.config, rel.settings.worker_threads)
+        if _config_flag(app.config, "RELIABLE_SHARE_SQLALCHEMY_ENGINE", default=False):
+            rel.use_engine(_sqlalchemy_engine(app))
         state = FlaskState(rel)
         app.extensions[EXTENSION] = state
         app.register_blueprint(status_blueprint, url_prefix=rel.settings.url_prefix)
@@ -128,6 +139,19 @@ def _state(app: Flask) -> FlaskState:
     if not isinstance(state, FlaskState):
         raise ReliableError(f"the Flask app {app.name!r} has no ReliableFlask(app, rel)")
     return state
+
+
+def _sqlalchemy_engine(app: Flask) -> Any:
+    """Flask-SQLAlchemy's default engine of ``app``."""
+    extension = app.extensions.get("sqlalchemy")
+    if extension is None:
+        raise ConfigError(
+            "RELIABLE_SHARE_SQLALCHEMY_ENGINE",
+            "the app has no Flask-SQLAlchemy: call SQLAlchemy(app) (or db.init_app(app)) "
+            "before ReliableFlask(app, rel)",
+        )
+    with app.app_context():
+        return extension.engine
 
 
 def _config_flag(config: Mapping[str, Any], key: str, *, default: bool) -> bool:
@@ -221,6 +245,17 @@ def cancel_job_view(job_id: str) -> Response:
     """Cancel a job that has not finished; 409 when it already had."""
     rel = _state(current_app).reliable
     return to_flask(cancel_job(rel.runtime, job_id, _allow(rel)))
+
+
+@status_blueprint.route("/", defaults={"path": ""}, methods=["GET", "POST"])
+@status_blueprint.route("/<path:path>", methods=["GET", "POST"])
+def dashboard_view(path: str) -> Response:
+    """The dashboard (``reliable.dashboard``): every page under the prefix but the
+    status resource."""
+    rel = _state(current_app).reliable
+    prefix = rel.settings.url_prefix
+    console = Console(rel, request.root_path + prefix)
+    return to_flask(console.handle(console_request(request.environ, prefix)))
 
 
 def _allow(rel: Reliable) -> Allow | None:

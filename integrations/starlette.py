@@ -36,6 +36,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reliable import Reliable, current_job
+from reliable.dashboard import Console
+from reliable.dashboard.asgi import answer as dashboard_answer
 from reliable.runtime import Runtime
 from reliable.web import (
     HttpResponse,
@@ -140,7 +142,8 @@ class ReliableMiddleware:
 
     ``Middleware(ReliableMiddleware, reliable=rel)``, in Starlette and FastAPI alike.
     Serves ``GET {RELIABLE_URL_PREFIX}/jobs/<id>`` (``?wait=N``: hold up to N s for a
-    terminal state) and ``DELETE`` (cancel). Offloaded requests with a body over
+    terminal state) and ``DELETE`` (cancel). Every other path under the prefix is the
+    dashboard (``reliable.dashboard``). Offloaded requests with a body over
     ``RELIABLE_MAX_PAYLOAD`` get 413. At lifespan startup it refuses (``ConfigError``
     naming the parameter) offloaded FastAPI endpoints taking what cannot reach a worker,
     sets ``app.state.reliable``, opens the database and, unless
@@ -170,6 +173,11 @@ class ReliableMiddleware:
         if path.startswith(self._jobs_path):
             answer = await self._status(scope, path[len(self._jobs_path) :])
             await _response(answer)(scope, receive, send)
+            return
+        prefix = self.reliable.settings.url_prefix
+        if path == prefix or path.startswith(prefix + "/"):  # the dashboard
+            console = Console(self.reliable, scope.get("root_path", "") + prefix)
+            await dashboard_answer(console, path[len(prefix) :], scope, receive, send)
             return
         incoming = _Incoming(scope, receive, self.reliable.settings.max_payload)
 

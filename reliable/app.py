@@ -5,12 +5,15 @@ parts underneath receive those, and never this class."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
+from .aio import LoopResource
+from .calls import EnqueueOptions
 from .clock import Clock, SystemClock
 from .durations import Duration, parse_duration
 from .errors import ConfigError
@@ -25,6 +28,7 @@ from .schedules import Schedule, ScheduleInfo, Timetable
 from .serialization import dumps
 from .settings import Settings
 from .store import Store
+from .store.database import masked_url, shared_engine_url
 from .tasks import Task, TaskOptions
 from .web.routes import offload as offload_route
 from .worker import Worker, new_worker_id
@@ -49,28 +53,67 @@ class Reliable(Operations):
     on first use and its schema upgraded then, unless ``auto_migrate`` is off
     (``RELIABLE_AUTO_MIGRATE=0``): then an outdated schema raises ``StoreError`` asking
     for ``reliable db upgrade``.
+
+    ``engine``: the application's SQLAlchemy ``Engine`` (``Reliable(engine=db.engine)``):
+    the job store lives in its database and uses its connection pool instead of a
+    second one (``database_url``, if given too, must name the same database); see
+    docs/transactions.md. The store is opened, and its schema upgraded, here (unless
+    ``auto_migrate`` is off). Raises ``ConfigError`` naming ``engine`` otherwise.
     """
 
     def __init__(
         self,
         database_url: str | None = None,
         *,
+        engine: Any = None,
         clock: Clock | None = None,
         auto_migrate: bool | None = None,
         **settings: Any,
     ) -> None:
+        if engine is not None:
+            database_url = shared_engine_url(engine, database_url)
         runtime = Runtime(
             Settings.load({"database_url": database_url, "auto_migrate": auto_migrate, **settings}),
             clock or SystemClock(),
         )
+        runtime.engine = engine
         super().__init__(runtime)
+        if engine is not None:
+            self._open_shared_store()
         self._lock = threading.RLock()
         self._worker: Worker | None = None
         self._inline_worker_id = new_worker_id()
         self.timetable = Timetable(runtime)  # the cron schedules (``cron``)
 
     def __repr__(self) -> str:
-        return f"<Reliable {self.settings.database_url}>"
+        return f"<Reliable {masked_url(self.settings.database_url)}>"
+
+    def use_engine(self, engine: Any) -> None:
+        """Move the job store to the application's SQLAlchemy ``engine`` (its database
+        and its pool), as ``Reliable(engine=...)`` does; ``ReliableFlask`` calls it with
+        Flask-SQLAlchemy's engine when asked. Raises ``ConfigError`` naming ``engine``
+        for something else than an engine, or once the store is open on another one.
+        """
+        url = shared_engine_url(engine, None)
+        runtime = self.runtime
+        if runtime.engine is engine:
+            return
+        if runtime._store is not None:
+            raise ConfigError(
+                "engine",
+                "the job store is already open on its own engine: share the application's "
+                "engine before the first job is enqueued (Reliable(engine=...))",
+            )
+        runtime.settings = dataclasses.replace(runtime.settings, database_url=url)
+        runtime.engine = engine
+        self._open_shared_store()
+
+    def _open_shared_store(self) -> None:
+        # Upgraded now, not at the first enqueue: that may come inside a transaction
+        # of the application's that holds SQLite's write lock, which the migrations
+        # would wait for in vain. Without auto_migrate the schema is only read (no lock).
+        if self.settings.auto_migrate:
+            self.runtime.store  # noqa: B018
 
     @property
     def settings(self) -> Settings:
@@ -197,7 +240,10 @@ class Reliable(Operations):
         ``Idempotency-Key`` header when sent; ``"required"``; ``"off"``),
         ``idempotency_scope`` (a function of the request, e.g. the user, that scopes
         keys per caller), ``capture`` (a function of the request returning JSON that
-        the handler gets back in the worker; default: the hook set by ``capture``).
+        the handler gets back in the worker; default: the hook set by ``capture``),
+        ``session`` (a function of the request returning its SQLAlchemy session or
+        connection: the job is written in that transaction, with what the request
+        wrote before, and committed before the 202; see docs/transactions.md).
         Needs ``ReliableFlask`` or ``ReliableMiddleware`` on the application.
 
         Credentials are never stored: not the ``Authorization``, ``Cookie`` and
@@ -243,6 +289,13 @@ class Reliable(Operations):
         self.runtime.capture_hook = fn
         return fn
 
+    def loop_resource(self, factory: Callable[[], R]) -> LoopResource[R]:
+        """An object bound to an event loop, shared by the async jobs of a worker:
+        ``factory()`` makes it on first use in each worker's loop, the worker closes it
+        (``aclose()``/``close()``) when it stops. Call the result inside an async job to
+        get it (see docs/async.md)."""
+        return LoopResource(factory)
+
     # -- jobs ---------------------------------------------------------------------------
 
     def enqueue_payload(
@@ -254,20 +307,26 @@ class Reliable(Operations):
         idempotency_scope: str | None = None,
         fingerprint: str | None = None,
         flow: FlowPlan | None = None,
+        session: Any = None,
+        connection: Any = None,
     ) -> JobHandle[Any]:
         """Commit a job of ``task`` with an already-encoded JSON ``payload``.
 
         ``idempotency_scope`` defaults to the task; ``fingerprint`` (default: a hash of
         the payload) tells a replay from a conflicting reuse of the key. ``flow`` is the
-        job's flow control with its keys resolved. Raises ``RateLimited`` when a rate
-        limit refuses the job (nothing is stored).
+        job's flow control with its keys resolved. ``session`` or ``connection``: write
+        the job in the caller's open SQLAlchemy transaction instead of committing it
+        (see ``task.options``). Raises ``RateLimited`` when a rate limit refuses the job
+        (nothing is stored), ``ConfigError`` for a transaction on another database.
         """
+        call = EnqueueOptions.build(session=session, connection=connection)
         return task.enqueue_payload(
             payload,
             idempotency_key=idempotency_key,
             idempotency_scope=idempotency_scope,
             fingerprint=fingerprint,
             flow=flow,
+            call=call,
         )
 
     def get_job(self, job_id: str) -> JobInfo:

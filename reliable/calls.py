@@ -7,7 +7,8 @@ whose function takes ``delay`` or ``priority`` gets them as arguments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
@@ -59,6 +60,25 @@ def check_idempotency_key(key: object) -> str:
     raise ConfigError("idempotency_key", problem)
 
 
+def check_within_transaction(session: object, connection: object) -> object:
+    """The caller's transaction to enqueue in: a SQLAlchemy ``Session`` (anything with
+    a ``connection()`` method, as ``scoped_session`` and Flask-SQLAlchemy's
+    ``db.session``), or a ``Connection``; ``None`` for the store's own. ``ConfigError``
+    for both, or for something else (the database it is bound to is checked when the
+    job is enqueued)."""
+    if session is not None and connection is not None:
+        raise ConfigError("session", "give session or connection, not both")
+    if session is not None and not callable(getattr(session, "connection", None)):
+        raise ConfigError("session", f"expected a SQLAlchemy Session, got {type(session).__name__}")
+    if connection is not None and not (
+        callable(getattr(connection, "execute", None)) and hasattr(connection, "engine")
+    ):
+        raise ConfigError(
+            "connection", f"expected a SQLAlchemy Connection, got {type(connection).__name__}"
+        )
+    return session if session is not None else connection
+
+
 def deadline(due_at: float, *within: float | None) -> float | None:
     """``due_at`` plus the first of ``within`` that is set (the call's, then the task's)."""
     for seconds in within:
@@ -72,7 +92,9 @@ class EnqueueOptions:
     """Validated options of one enqueue; ``None`` leaves the task's own.
 
     ``delay`` (seconds) and ``run_at`` (UTC epoch seconds) say when the job is due;
-    ``start_within`` and ``finish_within`` (seconds) count from then.
+    ``start_within`` and ``finish_within`` (seconds) count from then. ``within``: the
+    caller's SQLAlchemy ``Session`` or ``Connection`` whose transaction the job is
+    written in (``None``: a transaction of the store's own, committed at once).
     """
 
     delay: float | None = None
@@ -82,6 +104,7 @@ class EnqueueOptions:
     idempotency_key: str | None = None
     start_within: float | None = None
     finish_within: float | None = None
+    within: Any = field(default=None, compare=False)
 
     @classmethod
     def build(
@@ -94,13 +117,16 @@ class EnqueueOptions:
         idempotency_key: str | None = None,
         start_within: Duration | None = None,
         finish_within: Duration | None = None,
+        session: Any = None,
+        connection: Any = None,
     ) -> EnqueueOptions:
         """Check every option now; ``ConfigError`` names the bad one (nothing is stored).
 
         ``delay``: seconds, ``timedelta`` or ``"10m"``, >= 0. ``run_at``: an aware
         ``datetime`` (a naive one is refused: its zone would be a guess); not both.
         ``priority``, ``queue``: as the task options. ``idempotency_key``: 1 to 255
-        characters. ``start_within``, ``finish_within``: durations > 0.
+        characters. ``start_within``, ``finish_within``: durations > 0. ``session`` or
+        ``connection`` (not both): the caller's transaction to write the job in.
         """
         if delay is not None and run_at is not None:
             raise ConfigError("run_at", "give delay or run_at, not both")
@@ -126,6 +152,7 @@ class EnqueueOptions:
             idempotency_key=idempotency_key,
             start_within=check_within(start_within, "start_within"),
             finish_within=check_within(finish_within, "finish_within"),
+            within=check_within_transaction(session, connection),
         )
 
     def due_at(self, now: float) -> float:
@@ -145,6 +172,13 @@ class Enqueuer(Protocol[R]):
         self, options: EnqueueOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> JobHandle[R]: ...
 
+    def enqueue_many_with(
+        self,
+        options: EnqueueOptions,
+        calls: Iterable[tuple[Any, ...] | Mapping[str, Any]],
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[JobHandle[R]]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Call(Generic[P, R]):
@@ -156,5 +190,20 @@ class Call(Generic[P, R]):
 
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
         """Commit a job calling the task with these arguments (all of them the task's:
-        none is read as an option); return its handle. Raises as ``Task.enqueue``."""
+        none is read as an option); return its handle. Raises as ``Task.enqueue``.
+
+        With ``session`` or ``connection``, the job is written in that open transaction
+        and nothing is committed: it exists once the caller commits (``handle.pending``
+        until then), and never if the caller rolls back."""
         return self.task.enqueue_with(self.options, args, kwargs)
+
+    def enqueue_many(
+        self,
+        calls: Iterable[tuple[Any, ...] | Mapping[str, Any]],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[JobHandle[R]]:
+        """Commit one job per call, all in one transaction, with these options (see
+        ``Task.enqueue_many``); return their handles, in order. With ``session`` or
+        ``connection``, the batch is written in that open transaction instead."""
+        return self.task.enqueue_many_with(self.options, calls, idempotency_keys)

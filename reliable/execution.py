@@ -12,12 +12,15 @@ import inspect
 import json
 import logging
 import traceback
+from collections.abc import Awaitable, Generator
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import tenacity
 
+from . import telemetry
+from .aio import close_loop_resources
 from .context import (
     CANCELLED,
     SHUTDOWN,
@@ -199,9 +202,16 @@ def attempt_control(registry: Registry, job: ClaimedJob) -> AttemptControl:
 
 
 def run_attempt(
-    registry: Registry, job: ClaimedJob, control: AttemptControl | None = None
+    registry: Registry,
+    job: ClaimedJob,
+    control: AttemptControl | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> Outcome:
     """Run one attempt of ``job`` in this thread and return what should happen next.
+
+    A coroutine the task returns runs on ``loop`` (a worker's event loop, in another
+    thread), this thread waiting for it, or else on a loop of its own; the worker runs
+    the attempts of ``async def`` tasks with ``run_attempt_async`` instead.
 
     ``control`` tells the attempt to stop (default: a control with the task's
     deadline). A function that returns after its attempt was told to stop has its
@@ -212,13 +222,17 @@ def run_attempt(
     (``DeadlineExceeded``, naming the deadline); a retry or a sleep that would end past
     the finish deadline fails the job instead, and an event wait ends there at the latest.
     """
-    missed = missed_deadline(job)
-    if missed is not None:
-        return failure(registry, registry.tasks.get(job.task), job, missed, retry=False)
-    outcome = _attempt(registry, job, control)
-    if job.start_by is not None and job.task in registry.tasks:
-        outcome.began = True
-    return within_finish(registry, job, outcome)
+    with telemetry.attempt(registry.runtime.counters, job) as ended:
+        missed = missed_deadline(job)
+        if missed is not None:
+            outcome = failure(registry, registry.tasks.get(job.task), job, missed, retry=False)
+        else:
+            outcome = _drive(_attempt(registry, job, control), loop)
+            if job.start_by is not None and job.task in registry.tasks:
+                outcome.began = True
+            outcome = within_finish(registry, job, outcome)
+        ended(outcome)
+    return outcome
 
 
 def _iso(instant: float) -> str:
@@ -272,7 +286,66 @@ def within_finish(registry: Registry, job: ClaimedJob, outcome: Outcome) -> Outc
     return failure(registry, registry.tasks.get(job.task), job, exc, retry=False)
 
 
-def _attempt(registry: Registry, job: ClaimedJob, control: AttemptControl | None) -> Outcome:
+async def run_attempt_async(
+    registry: Registry, job: ClaimedJob, control: AttemptControl | None = None
+) -> Outcome:
+    """``run_attempt`` on the running event loop: the task's coroutine is awaited here,
+    beside the other async attempts of the worker. It never raises: what escapes the
+    attempt (the loop closing under it) is a failure, retried."""
+    with telemetry.attempt(registry.runtime.counters, job) as ended:
+        missed = missed_deadline(job)
+        task = registry.tasks.get(job.task)
+        if missed is not None:
+            outcome = failure(registry, task, job, missed, retry=False)
+        else:
+            try:
+                outcome = await _drive_async(_attempt(registry, job, control))
+            except BaseException as exc:
+                outcome = failure(registry, task, job, exc, retry=True)
+            if job.start_by is not None and task is not None:
+                outcome.began = True
+            outcome = within_finish(registry, job, outcome)
+        ended(outcome)
+    return outcome
+
+
+# An attempt, as a generator: it yields the awaitable an ``async def`` task returned,
+# and is sent its result (or thrown its exception); it returns the ``Outcome``. A thread
+# (``_drive``) and the event loop (``_drive_async``) share it.
+Attempt = Generator[tuple[Awaitable[Any], AttemptControl], Any, Outcome]
+
+
+def _drive(attempt: Attempt, loop: asyncio.AbstractEventLoop | None) -> Outcome:
+    try:
+        awaitable, control = next(attempt)
+        while True:
+            try:
+                value = run_coroutine(awaitable, control, loop)
+            except BaseException as exc:  # Suspend too: the attempt decides
+                awaitable, control = attempt.throw(exc)
+            else:
+                awaitable, control = attempt.send(value)
+    except StopIteration as done:
+        outcome: Outcome = done.value
+        return outcome
+
+
+async def _drive_async(attempt: Attempt) -> Outcome:
+    try:
+        awaitable, control = next(attempt)
+        while True:
+            try:
+                value = await awaited(awaitable, control)
+            except BaseException as exc:  # Suspend too: the attempt decides
+                awaitable, control = attempt.throw(exc)
+            else:
+                awaitable, control = attempt.send(value)
+    except StopIteration as done:
+        outcome: Outcome = done.value
+        return outcome
+
+
+def _attempt(registry: Registry, job: ClaimedJob, control: AttemptControl | None) -> Attempt:
     """One attempt, deadlines aside (see ``run_attempt``)."""
     task = registry.tasks.get(job.task)
     exc: ReliableError
@@ -297,7 +370,7 @@ def _attempt(registry: Registry, job: ClaimedJob, control: AttemptControl | None
             _current.set(context)
         value = task.invoke(payload)
         if inspect.isawaitable(value):
-            value = run_coroutine(value, control)
+            value = yield value, control
         reason = control.why()
         if reason is not None and reason != SHUTDOWN:  # it returned, but too late
             return stopped(registry, job, reason, timeout)
@@ -345,34 +418,57 @@ def _attempt(registry: Registry, job: ClaimedJob, control: AttemptControl | None
     )
 
 
-def run_coroutine(coro: Any, control: AttemptControl) -> Any:
-    """Run an ``async def`` task's coroutine to completion in this thread.
+def run_coroutine(
+    coro: Awaitable[Any], control: AttemptControl, loop: asyncio.AbstractEventLoop | None
+) -> Any:
+    """Run an ``async def`` task's coroutine to completion, this thread waiting for it:
+    on ``loop`` (running in another thread), or else on a new loop closed after it."""
+    if loop is None:
+        return asyncio.run(_alone(coro, control))
+    return asyncio.run_coroutine_threadsafe(awaited(coro, control), loop).result()
+
+
+async def _alone(coro: Awaitable[Any], control: AttemptControl) -> Any:
+    try:
+        return await awaited(coro, control)
+    finally:
+        await close_loop_resources()
+
+
+async def awaited(coro: Awaitable[Any], control: AttemptControl) -> Any:
+    """Await an attempt's coroutine in the running task, named after the job (the
+    watchdog names it when it blocks the loop). The task runs this attempt only.
 
     The coroutine is cancelled (it sees ``CancelledError``) when its deadline passes or
-    its attempt is told to stop; then ``StopAttempt`` is raised with the reason.
-    """
+    its attempt is told to stop; once it has really ended, ``StopAttempt`` is raised
+    with the reason (a value it returns anyway is discarded by ``_attempt``)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None, "awaited() runs in a task"
+    context = _current.get()
+    task.set_name(f"job {control.job_id}" + (f" ({context.task})" if context else ""))
 
-    async def bounded() -> Any:
-        task = asyncio.ensure_future(coro)
-        loop = asyncio.get_running_loop()
+    def cancel() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to stop
+            loop.call_soon_threadsafe(task.cancel)
 
-        def cancel() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to stop
-                loop.call_soon_threadsafe(task.cancel)
-
-        control.on_stop(cancel)
-        if control.deadline is not None:
-            remaining = max(0.0, control.deadline - control.clock.now())
-            loop.call_later(remaining, control.stop, TIMED_OUT)
-        try:
-            return await task
-        except asyncio.CancelledError:
-            reason = control.why()
-            if reason is None:
-                raise
-            raise StopAttempt(reason, control.job_id) from None
-
-    return asyncio.run(bounded())
+    control.on_stop(cancel)
+    timer = None
+    if control.deadline is not None:
+        remaining = max(0.0, control.deadline - control.clock.now())
+        timer = loop.call_later(remaining, control.stop, TIMED_OUT)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        reason = control.why()
+        if reason is None:
+            raise  # not by its control: the loop is closing
+        if hasattr(task, "uncancel"):  # Python 3.11+: the cancel is handled here
+            task.uncancel()
+        raise StopAttempt(reason, control.job_id) from None
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def after_failure(registry: Registry, job_id: str, task_name: str) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
+from .errors import JobCancelled, JobFailed, JobNotFound, JobTimeout, ReliableError
 from .jobs import JobInfo, JobStatus
 from .runtime import Runtime
 from .store.records import RateState
@@ -19,6 +20,12 @@ class JobHandle(Generic[R]):
     ``created`` is false when an idempotency key matched an existing job (then
     ``replayed`` is true), or a debounced call joined the pending one. ``rates`` is the
     state of the task's rate limits after admitting the job.
+
+    ``pending`` is true while the job this call created was written in a caller's
+    transaction that is still open (``task.options(session=...)``): nobody else can
+    see it yet, and a rollback would undo it. Reading the job's status or waiting for it then raises
+    ``ReliableError`` (commit first); after a rollback the job does not exist
+    (``JobNotFound``).
     """
 
     def __init__(
@@ -29,12 +36,26 @@ class JobHandle(Generic[R]):
         created: bool = True,
         replayed: bool = False,
         rates: tuple[RateState, ...] = (),
+        pending: Callable[[], bool] | None = None,
     ) -> None:
         self.runtime = runtime
         self.id = job_id
         self.created = created
         self.replayed = replayed
         self.rates = rates
+        self._pending = pending
+
+    @property
+    def pending(self) -> bool:
+        """Whether the job's transaction (the caller's) is still open, uncommitted."""
+        return self._pending is not None and self._pending()
+
+    def _check_committed(self) -> None:
+        if self.pending:
+            raise ReliableError(
+                f"job {self.id} was written in a transaction that is still open: commit "
+                "it (session.commit()) before reading or waiting for the job"
+            )
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.id}>"
@@ -46,13 +67,16 @@ class JobHandle(Generic[R]):
         return hash(self.id)
 
     def status(self) -> JobStatus:
-        """The job's current status; raises ``JobNotFound`` if it was purged."""
+        """The job's current status; raises ``JobNotFound`` if it was purged (or its
+        transaction rolled back), ``ReliableError`` while it is ``pending``."""
+        self._check_committed()
         status = self.runtime.store.get_status(self.id)
         if status is None:
             raise JobNotFound(self.id)
         return status  # type: ignore[return-value]
 
     def info(self) -> JobInfo:
+        self._check_committed()
         return self.runtime.get_job(self.id)
 
     def wait(self, timeout: float | None = None) -> JobInfo:
@@ -63,6 +87,7 @@ class JobHandle(Generic[R]):
         process, and none has renewed its heartbeat in the database within
         ``RELIABLE_LEASE_SECONDS``.
         """
+        self._check_committed()
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.005
         while True:

@@ -26,6 +26,8 @@ STATUSES = ("queued", "running", "sleeping", *sorted(TERMINAL_STATUSES))
 MAX_PAGE = 1000
 
 Filter = dict[str, Any]
+# Called by a bulk action after each batch: (jobs looked at so far, jobs matched).
+Progress = Callable[[int, int], None]
 
 
 def _time(value: datetime | float | None, name: str) -> float | None:
@@ -130,17 +132,22 @@ class Operations(Registry):
             raise JobNotFound(job_id)
         return JobHandle(self.runtime, new_id)
 
-    def cancel_jobs(self, *, dry_run: bool = False, **filters: Any) -> int:
+    def cancel_jobs(
+        self, *, dry_run: bool = False, progress: Progress | None = None, **filters: Any
+    ) -> int:
         """Cancel every unfinished job matching ``filters`` (those of ``jobs``), in
-        batches; return how many. ``dry_run``: only count them."""
+        batches; return how many. ``dry_run``: only count them. ``progress(done,
+        total)`` is called after each batch (``done`` jobs of ``total`` looked at)."""
         where = job_filter(**filters)
         if not where.statuses:
             where = replace(where, statuses=("queued", "running", "sleeping"))
-        return self._bulk(where, dry_run, self._cancel_batch)
+        return self._bulk(where, dry_run, self._cancel_batch, progress)
 
-    def retry_jobs(self, *, dry_run: bool = False, **filters: Any) -> int:
+    def retry_jobs(
+        self, *, dry_run: bool = False, progress: Progress | None = None, **filters: Any
+    ) -> int:
         """Retry every failed or cancelled job matching ``filters``; return how many
-        (``dry_run``: only count them)."""
+        (``dry_run``: only count them; ``progress`` as for ``cancel_jobs``)."""
         where = job_filter(**filters)
         chosen = where.statuses or ("failed", "cancelled")
         retryable = tuple(s for s in chosen if s in ("failed", "cancelled"))
@@ -148,11 +155,15 @@ class Operations(Registry):
         if not retryable:
             return 0
         now = self.runtime.clock.now()
-        return self._bulk(where, dry_run, lambda ids: len(self.runtime.store.retry(ids, now)))
+        return self._bulk(
+            where, dry_run, lambda ids: len(self.runtime.store.retry(ids, now)), progress
+        )
 
-    def replay_jobs(self, *, dry_run: bool = False, **filters: Any) -> int:
+    def replay_jobs(
+        self, *, dry_run: bool = False, progress: Progress | None = None, **filters: Any
+    ) -> int:
         """Replay every job matching ``filters`` (new jobs from their input); return how
-        many (``dry_run``: only count them)."""
+        many (``dry_run``: only count them; ``progress`` as for ``cancel_jobs``)."""
         where = job_filter(**filters)
         now = self.runtime.clock.now()
 
@@ -160,13 +171,19 @@ class Operations(Registry):
             store = self.runtime.store
             return sum(store.replay(job_id, uuid.uuid4().hex, now) for job_id in ids)
 
-        return self._bulk(where, dry_run, replay)
+        return self._bulk(where, dry_run, replay, progress)
 
     def _cancel_batch(self, ids: list[str]) -> int:
         cancelled = self.runtime.store.cancel_many(ids, self.runtime.clock.now())
         return len(self.runtime.cancelled(cancelled))
 
-    def _bulk(self, where: JobFilter, dry_run: bool, act: Callable[[list[str]], int]) -> int:
+    def _bulk(
+        self,
+        where: JobFilter,
+        dry_run: bool,
+        act: Callable[[list[str]], int],
+        progress: Progress | None,
+    ) -> int:
         """Apply ``act`` to every job ``where`` selects, a batch at a time (snapshotted by
         keyset first, so jobs the action creates are not visited)."""
         store = self.runtime.store
@@ -177,7 +194,12 @@ class Operations(Registry):
         while batch := store.job_ids(where, BATCH, after):
             ids += batch
             after = batch[-1]
-        return sum(act(ids[i : i + BATCH]) for i in range(0, len(ids), BATCH))
+        acted = 0
+        for start in range(0, len(ids), BATCH):
+            acted += act(ids[start : start + BATCH])
+            if progress is not None:
+                progress(min(start + BATCH, len(ids)), len(ids))
+        return acted
 
     def pause(self, *, task: str | None = None, queue: str | None = None) -> None:
         """Pause a task or a queue, durably: no worker claims its jobs until

@@ -19,6 +19,7 @@ from .errors import JobNotFound
 from .jobs import JobInfo
 from .settings import Settings
 from .store import Store
+from .telemetry import Counters
 
 # How long a worker trusts the pauses it read: a pause (or resume) in another process
 # takes effect within this, and a claim's poll interval.
@@ -52,7 +53,9 @@ class Runtime:
         self.status_hook: StatusAccess | None = None
         self.worker: LocalWorker | None = None
         self.inline: dict[str, AttemptControl] = {}  # attempts of run_until_idle
+        self.counters = Counters()  # this process's attempts, for metrics
         self._store: Store | None = None
+        self.engine: Any = None  # an application's SQLAlchemy engine to share, if any
         self._lock = threading.Lock()
         self._pauses: dict[str, set[str]] = {}
         self._pauses_until = 0.0  # time.monotonic() when to read the pauses again
@@ -65,6 +68,7 @@ class Runtime:
                 if self._store is None:
                     self._store = Store(
                         self.settings.database_url,
+                        engine=self.engine,
                         pool_size=self.settings.worker_threads + 4,
                         sqlite_synchronous=self.settings.sqlite_synchronous,
                         auto_migrate=self.settings.auto_migrate,

@@ -149,6 +149,7 @@ class Settings:
 
     database_url: str = _setting("sqlite:///reliable.db", _text)
     worker_threads: int = _setting(4, _int(1))
+    async_concurrency: int = _setting(100, _int(1))
     embedded_worker: bool = _setting(True, _bool)
     retries: int = _setting(3, _int(0))
     timeout: float | None = _setting(None, _optional_seconds)

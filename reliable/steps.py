@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TypeVar
 
+from . import tracing
 from .context import CANCELLED, LEASE_LOST, AttemptControl, StopAttempt
 from .durations import Duration, parse_duration
 from .errors import ReliableError
@@ -151,18 +152,19 @@ def step(name: str, fn: Callable[..., T], *args: Any, retries: int = 0, **kwargs
         return stored
     started = runner.runtime.clock.now()
     tries = _previous_attempts(runner, name)
-    for remaining in range(retries, -1, -1):
-        tries += 1
-        try:
-            value = fn(*args, **kwargs)
-        except Exception as exc:
-            if remaining:
-                continue
-            _record(runner, name, position, started, tries, error=_error(exc))
-            raise
-        _record(runner, name, position, started, tries, result=dumps(value))
-        runner.control.check()  # the step is kept; nothing after it runs
-        return value
+    with tracing.step_span(name, runner.job.id):
+        for remaining in range(retries, -1, -1):
+            tries += 1
+            try:
+                value = fn(*args, **kwargs)
+            except Exception as exc:
+                if remaining:
+                    continue
+                _record(runner, name, position, started, tries, error=_error(exc))
+                raise
+            _record(runner, name, position, started, tries, result=dumps(value))
+            runner.control.check()  # the step is kept; nothing after it runs
+            return value
     raise AssertionError("unreachable")
 
 
@@ -181,21 +183,22 @@ async def _step_async(
         return stored
     started = runner.runtime.clock.now()
     tries = _previous_attempts(runner, name)
-    for remaining in range(retries, -1, -1):
-        tries += 1
-        try:
-            value = await fn(*args, **kwargs)
-        except Exception as exc:
-            if remaining:
-                continue
-            await asyncio.to_thread(
-                _record, runner, name, position, started, tries, error=_error(exc)
-            )
-            raise
-        result = dumps(value)
-        await asyncio.to_thread(_record, runner, name, position, started, tries, result=result)
-        runner.control.check()
-        return value
+    with tracing.step_span(name, runner.job.id):
+        for remaining in range(retries, -1, -1):
+            tries += 1
+            try:
+                value = await fn(*args, **kwargs)
+            except Exception as exc:
+                if remaining:
+                    continue
+                await asyncio.to_thread(
+                    _record, runner, name, position, started, tries, error=_error(exc)
+                )
+                raise
+            result = dumps(value)
+            await asyncio.to_thread(_record, runner, name, position, started, tries, result=result)
+            runner.control.check()
+            return value
     raise AssertionError("unreachable")
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import uuid
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Generic, ParamSpec, TypeVar
 
 import tenacity
 
+from . import tracing
 from .calls import (
     NO_OPTIONS,
     Call,
@@ -22,7 +23,13 @@ from .calls import (
     deadline,
 )
 from .durations import Duration, parse_duration
-from .errors import ConfigError, IdempotencyConflict, PayloadTooLarge, SerializationError
+from .errors import (
+    ConfigError,
+    IdempotencyConflict,
+    PayloadTooLarge,
+    RateLimited,
+    SerializationError,
+)
 from .handles import JobHandle
 from .jobs import JobInfo
 from .limits import CancelOn, FlowOptions, FlowPlan, plan, resolve_call_key
@@ -40,6 +47,17 @@ FailureHook = Callable[["JobInfo"], object]
 DEFAULT_QUEUE = "default"
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 FLOW_OPTIONS = frozenset({"concurrency", "rate_limit", "throttle", "debounce", "key", "max_wait"})
+
+
+# A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` but a third of
+# its cost: the version and variant bits set on 128 random bits.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_job_id() -> str:
+    """A new job id: a random UUID (version 4) as 32 lowercase hex digits."""
+    return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"
 
 
 def default_backoff() -> Wait:
@@ -154,6 +172,8 @@ class TaskOptions:
         idempotency_key: str | None = None,
         start_within: Duration | None = None,
         finish_within: Duration | None = None,
+        session: Any = None,
+        connection: Any = None,
     ) -> Call[..., Any]:
         """The options of one enqueue of this task, apart from its arguments:
         ``send_invoice.options(delay="10m", priority=5).enqueue(42)``.
@@ -163,8 +183,12 @@ class TaskOptions:
         ``idempotency_key``: instead of the task's. ``start_within``: the job fails,
         without running, if it has not started this long after it is due;
         ``finish_within``: it fails if it has not finished by then, retries and sleeps
-        included (both instead of the task's). Raises ``ConfigError`` naming a bad
-        option now, before anything is stored.
+        included (both instead of the task's). ``session`` (a SQLAlchemy ``Session``,
+        ``scoped_session`` or Flask-SQLAlchemy's ``db.session``) or ``connection`` (a
+        ``Connection``): write the job, with its idempotency key, rate-limit admissions
+        and debounce state, in that open transaction instead of committing it; see
+        docs/transactions.md. Raises ``ConfigError`` naming a bad option now, before
+        anything is stored.
         """
         if self.task is None:
             raise TypeError(f"the options of {self.name} belong to no task")
@@ -176,6 +200,8 @@ class TaskOptions:
             idempotency_key=idempotency_key,
             start_within=start_within,
             finish_within=finish_within,
+            session=session,
+            connection=connection,
         )
         return Call(self.task, options)
 
@@ -203,6 +229,7 @@ class Task(Generic[P, R]):
             self.signature: inspect.Signature | None = inspect.signature(fn)
         except (TypeError, ValueError):  # a callable without one: arguments go unchecked
             self.signature = None
+        self._fitting: set[tuple[int, tuple[str, ...]]] = set()  # shapes that bind
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -261,12 +288,7 @@ class Task(Generic[P, R]):
         idempotency_key = options.idempotency_key
         if idempotency_key is None and self.options.idempotency_key is not None:
             idempotency_key = str(self.options.idempotency_key(*args, **kwargs))
-        flow = plan(
-            self.name,
-            self.options.flow,
-            lambda key, option: resolve_call_key(key, option, self.fn, args, kwargs),
-            self.options.cancel_on,
-        )
+        flow = self.plan_flow(args, kwargs)
         payload = self.encode(args, kwargs)
         return self.enqueue_payload(
             payload,
@@ -274,6 +296,15 @@ class Task(Generic[P, R]):
             idempotency_scope=idempotency_scope,
             flow=flow,
             call=options,
+        )
+
+    def plan_flow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> FlowPlan:
+        """The flow control of one call, its keys resolved from the arguments."""
+        return plan(
+            self.name,
+            self.options.flow,
+            lambda key, option: resolve_call_key(key, option, self.fn, args, kwargs),
+            self.options.cancel_on,
         )
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -313,18 +344,60 @@ class Task(Generic[P, R]):
         ``idempotency_scope`` defaults to the task; ``fingerprint`` (default: a hash of
         the payload) tells a replay from a conflicting reuse of the key. ``flow`` is the
         job's flow control with its keys resolved; ``call`` the options of this call
-        (when it is due, its priority, queue and deadlines). Raises ``RateLimited`` when
-        a rate limit refuses the job, ``IdempotencyConflict`` for a key used with
-        another payload, ``ConfigError`` for a malformed key (nothing is stored).
+        (when it is due, its priority, queue and deadlines, the caller's transaction).
+        Raises ``RateLimited`` when a rate limit refuses the job, ``IdempotencyConflict``
+        for a key used with another payload, ``ConfigError`` for a malformed key or a
+        transaction on another database than the store's (nothing is stored).
         """
-        flow = flow or FlowPlan()
         call = call or NO_OPTIONS
-        options = self.options
         runtime = self.runtime
         now = runtime.clock.now()
+        job, claim = self.new_job(
+            payload, now, call, flow, idempotency_key, idempotency_scope, fingerprint
+        )
+        fingerprint = None if claim is None else claim.fingerprint
+        store = runtime.store
+        connection = None if call.within is None else store.joined(call.within)
+        try:
+            with tracing.enqueue_span(self.name, job.id) as trace_context:
+                if trace_context is not None:
+                    job = replace(job, trace_context=trace_context)
+                result = store.enqueue(job, claim, now, connection=connection)
+        except RateLimited as exc:
+            runtime.counters.refused(getattr(exc.state, "scope", self.name))
+            raise
+        if result.replayed and result.fingerprint != fingerprint:
+            raise IdempotencyConflict(idempotency_key or "", result.job_id)
+        return JobHandle(
+            runtime,
+            result.job_id,
+            created=result.created,
+            replayed=result.replayed,
+            rates=result.rates,
+            # A job this call created waits for the caller's commit; one it found (a
+            # key's, a debounce's pending job) belongs to an earlier enqueue.
+            pending=(
+                store.still_open(connection) if connection is not None and result.created else None
+            ),
+        )
+
+    def new_job(
+        self,
+        payload: str,
+        now: float,
+        call: EnqueueOptions,
+        flow: FlowPlan | None,
+        idempotency_key: str | None,
+        idempotency_scope: str | None = None,
+        fingerprint: str | None = None,
+    ) -> tuple[NewJob, IdempotencyClaim | None]:
+        """The row of a new job of this task and the claim on its idempotency key
+        (``ConfigError`` for a malformed key); see ``enqueue_payload``."""
+        flow = flow or FlowPlan()
+        options = self.options
         due = call.due_at(now)
         job = NewJob(
-            id=uuid.uuid4().hex,
+            id=new_job_id(),
             task=self.name,
             queue=call.queue or options.queue,
             priority=options.priority if call.priority is None else call.priority,
@@ -340,39 +413,134 @@ class Task(Generic[P, R]):
             start_by=deadline(due, call.start_within, options.start_within),
             finish_by=deadline(due, call.finish_within, options.finish_within),
         )
-        claim = None
-        if idempotency_key is not None:
-            if not isinstance(idempotency_key, str) or not (
-                0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH
-            ):
-                raise ConfigError("idempotency_key", _bad_key(idempotency_key))
-            if fingerprint is None:
-                fingerprint = hashlib.sha256(payload.encode()).hexdigest()
-            claim = IdempotencyClaim(
-                scope=idempotency_scope or f"task:{self.name}",
-                key=idempotency_key,
-                fingerprint=fingerprint,
-                expires_at=now + runtime.settings.idempotency_ttl,
-            )
-        result = runtime.store.enqueue(job, claim, now)
-        if result.replayed and result.fingerprint != fingerprint:
-            raise IdempotencyConflict(idempotency_key or "", result.job_id)
-        return JobHandle(
-            runtime,
-            result.job_id,
-            created=result.created,
-            replayed=result.replayed,
-            rates=result.rates,
+        if idempotency_key is None:
+            return job, None
+        if not isinstance(idempotency_key, str) or not (
+            0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+        ):
+            raise ConfigError("idempotency_key", _bad_key(idempotency_key))
+        if fingerprint is None:
+            fingerprint = hashlib.sha256(payload.encode()).hexdigest()
+        claim = IdempotencyClaim(
+            scope=idempotency_scope or f"task:{self.name}",
+            key=idempotency_key,
+            fingerprint=fingerprint,
+            expires_at=now + self.runtime.settings.idempotency_ttl,
         )
+        return job, claim
+
+    def enqueue_many(
+        self,
+        calls: Iterable[tuple[Any, ...] | Mapping[str, Any]],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[JobHandle[R]]:
+        """Commit one job per call, all in one transaction; return their handles, in
+        order. Each call is a tuple of positional arguments (``(42,)``, not ``42``) or
+        a dict of keyword arguments: ``send_invoice.enqueue_many([(1,), (2,)])``.
+
+        ``idempotency_keys``: one key (or ``None``) per call, instead of the task's
+        ``idempotency_key`` function; a key already used, or used earlier in the same
+        batch, gives the handle of that job (``replayed``) instead of a new one.
+        Checked and raised as ``enqueue``, for the whole batch: when one call is
+        refused (bad arguments, ``IdempotencyConflict``, ``RateLimited``), nothing of
+        the batch is stored. For a delay, a priority, a queue or a caller's
+        transaction, use ``task.options(...).enqueue_many(...)``.
+        """
+        return self.enqueue_many_with(NO_OPTIONS, calls, idempotency_keys)
+
+    def enqueue_many_with(
+        self,
+        options: EnqueueOptions,
+        calls: Iterable[tuple[Any, ...] | Mapping[str, Any]],
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[JobHandle[R]]:
+        """``enqueue_many`` with the options of this call (``Call.enqueue_many``)."""
+        if options.idempotency_key is not None:
+            raise ConfigError(
+                "idempotency_key",
+                "one key cannot name a batch of jobs: pass idempotency_keys=[...] to "
+                "enqueue_many, one per call",
+            )
+        pairs = [_arguments(self.name, i, call) for i, call in enumerate(calls)]
+        if idempotency_keys is not None and (
+            isinstance(idempotency_keys, str) or len(idempotency_keys) != len(pairs)
+        ):
+            raise ConfigError(
+                "idempotency_keys", f"expected a list of {len(pairs)} keys (or None), one per call"
+            )
+        runtime = self.runtime
+        now = runtime.clock.now()
+        task_key = self.options.idempotency_key
+        static = self.options.flow.empty and self.options.cancel_on is None
+        batch: list[NewJob] = []
+        claims: list[IdempotencyClaim | None] = []
+        plain, _ = self.new_job("", now, options, None, None)  # what every job shares
+        for i, (args, kwargs) in enumerate(pairs):
+            self.check_call(args, kwargs)
+            key = None if idempotency_keys is None else idempotency_keys[i]
+            if key is None and task_key is not None:
+                key = str(task_key(*args, **kwargs))
+            payload = self.encode(args, kwargs)
+            if static and key is None:  # the common case, without new_job's work per call
+                batch.append(
+                    NewJob(
+                        id=new_job_id(),
+                        task=plain.task,
+                        queue=plain.queue,
+                        priority=plain.priority,
+                        payload=payload,
+                        run_at=plain.run_at,
+                        created_at=now,
+                        start_by=plain.start_by,
+                        finish_by=plain.finish_by,
+                    )
+                )
+                claims.append(None)
+                continue
+            flow = None if static else self.plan_flow(args, kwargs)
+            job, claim = self.new_job(payload, now, options, flow, key)
+            batch.append(job)
+            claims.append(claim)
+        if not batch:
+            return []
+        store = runtime.store
+        connection = None if options.within is None else store.joined(options.within)
+        try:
+            with tracing.enqueue_span(self.name, batch[0].id) as trace_context:
+                if trace_context is not None:  # the batch's jobs share its span
+                    batch = [replace(job, trace_context=trace_context) for job in batch]
+                results = store.enqueue_many(batch, claims, now, connection=connection)
+        except RateLimited as exc:
+            runtime.counters.refused(getattr(exc.state, "scope", self.name))
+            raise
+        pending = store.still_open(connection) if connection is not None else None
+        return [
+            JobHandle(
+                runtime,
+                result.job_id,
+                created=result.created,
+                replayed=result.replayed,
+                rates=result.rates,
+                pending=pending if result.created else None,
+            )
+            for result in results
+        ]
 
     def check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise ``TypeError`` now for arguments a worker could never call ``fn`` with."""
         if self.signature is None:
             return
+        # Whether arguments fit depends on their number and keywords, not their values.
+        shape = (len(args), tuple(kwargs))
+        if shape in self._fitting:
+            return
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.name}: {exc}; nothing was stored") from None
+        if len(self._fitting) < 64:
+            self._fitting.add(shape)
 
     def argument_names(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by parameter name (positions where there is none)."""
@@ -383,6 +551,22 @@ class Task(Generic[P, R]):
     def invoke(self, payload: dict[str, Any]) -> Any:
         """Run the function with a stored payload; a coroutine for ``async def`` tasks."""
         return self.fn(*payload.get("args", ()), **payload.get("kwargs", {}))
+
+
+def _arguments(task: str, index: int, call: object) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """One call of an ``enqueue_many`` batch as (args, kwargs); ``TypeError`` naming it
+    for anything but a tuple or a mapping."""
+    if type(call) is tuple or isinstance(call, tuple):
+        return call, {}
+    if isinstance(call, Mapping):
+        if not all(isinstance(name, str) for name in call):
+            raise TypeError(f"{task}: call #{index} has a keyword that is not a string")
+        return (), dict(call)
+    raise TypeError(
+        f"{task}: call #{index} of enqueue_many is {type(call).__name__}: give each call as "
+        f"a tuple of positional arguments ((value,) for one) or a dict of keyword "
+        "arguments; nothing was stored"
+    )
 
 
 def _bad_key(key: object) -> str:

@@ -30,7 +30,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from .context import CANCELLED, LEASE_LOST, SHUTDOWN
+from .aio import NOTIFY_EVERY, Lanes
+from .context import CANCELLED, LEASE_LOST, SHUTDOWN, AttemptControl
 from .errors import StoreError
 from .execution import (
     after_failure,
@@ -38,6 +39,7 @@ from .execution import (
     failure,
     released,
     run_attempt,
+    run_attempt_async,
     timeout_of,
 )
 from .handover import Running, SlotHandOver
@@ -77,7 +79,8 @@ def _release_at_exit(ref: weakref.ref[Worker]) -> None:
 
 
 class Worker:
-    """Runs jobs of ``queues`` on ``threads`` threads in this process.
+    """Runs jobs of ``queues`` on ``threads`` threads in this process (``async def``
+    tasks on an event loop beside them: see ``aio``).
 
     Start it with ``start()``; ``stop(timeout)`` stops claiming, lets running attempts
     finish for up to ``timeout`` seconds (default ``RELIABLE_SHUTDOWN_GRACE``), gives
@@ -111,7 +114,11 @@ class Worker:
         self._running: dict[str, Running] = {}
         self._work: queue.SimpleQueue[ClaimedJob | Callable[[], None] | None] = queue.SimpleQueue()
         # Slots handed on between this worker's attempts (see RIDERS_PER_SLOT).
-        self._handover = SlotHandOver(self._running, self._work.put)
+        # Which jobs run on the event loop beside the threads (started with the worker).
+        attempt = partial(run_attempt_async, registry)
+        self._lanes = Lanes(registry, threads, self._begin, attempt, self._end)
+        self._start_job = partial(self._lanes.hand, self._work.put)
+        self._handover = SlotHandOver(self._running, self._start_job)
         self._overruns = Overruns(
             self._running, self._start_executor, runtime.settings.lease_seconds
         )
@@ -166,6 +173,7 @@ class Worker:
         )
         self._keeper.start()
         self._timekeeper.start()
+        self._lanes.start(f"reliable-loop-{self.id}")
         for _ in range(self.threads):
             self._start_executor()
         self._dispatcher = threading.Thread(
@@ -173,7 +181,8 @@ class Worker:
         )
         self._dispatcher.start()
         atexit.register(self._exit_hook)
-        log.info("worker %s started: %d threads, queues %s", self.id, self.threads, self.queues)
+        what = f"{self.threads} threads and up to {self._lanes.limit} async attempts"
+        log.info("worker %s started: %s, queues %s", self.id, what, self.queues)
         return self
 
     def stop(self, timeout: float | None = None, *, exiting: bool = False) -> None:
@@ -327,28 +336,43 @@ class Worker:
             if not isinstance(item, ClaimedJob):
                 item()
                 continue
-            with self._cond:
-                running = self._running.get(item.id)
-                if running is None or running.job.attempt != item.attempt:
-                    continue  # given back, or cancelled, before it started
-                running.started = began = time.monotonic()
-                job = replace(item, started_at=self.runtime.clock.now())
-                control = running.control = attempt_control(self.registry, job)
+            begun = self._begin(item)
+            if begun is None:
+                continue  # given back, or cancelled, before it started
+            job, control, began = begun
             try:
-                outcome = run_attempt(self.registry, job, control)
+                outcome = run_attempt(self.registry, job, control, self._lanes.loop)
             except BaseException as exc:
                 outcome = failure(
                     self.registry, self.registry.tasks.get(job.task), job, exc, retry=True
                 )
-            with self._cond:
-                running = self._running.pop(job.id, None)
-                self._add_finished(self._handover.hand_on(running, outcome))
+            if self._end(job, outcome, began, thread=True):
+                return  # a replacement thread took this one's place when it overran
+
+    def _begin(self, item: ClaimedJob) -> tuple[ClaimedJob, AttemptControl, float] | None:
+        """Mark ``item`` started; ``None`` if it was given back or cancelled meanwhile."""
+        with self._cond:
+            running = self._running.get(item.id)
+            if running is None or running.job.attempt != item.attempt:
+                return None
+            running.started = began = time.monotonic()
+            job = replace(item, started_at=self.runtime.clock.now())
+            control = running.control = attempt_control(self.registry, job)
+        return job, control, began
+
+    def _end(self, job: ClaimedJob, outcome: Outcome, began: float, *, thread: bool) -> bool:
+        """Hand in the outcome of an attempt that has ended; whether it had overrun."""
+        with self._cond:
+            running = self._running.pop(job.id, None)
+            self._add_finished(self._handover.hand_on(running, outcome))
+            if thread or len(self._finished) % NOTIFY_EVERY == 1 or not self._running:
                 self._cond.notify_all()
-                if running is not None and running.overdue:
-                    # A replacement thread took this one's place when it overran.
-                    self._overruns.returned(running, time.monotonic())
-                    return
+            if running is not None and running.overdue:
+                self._overruns.returned(running, time.monotonic())
+                return True
+            if thread:
                 self._average_runtime += 0.1 * (time.monotonic() - began - self._average_runtime)
+        return False
 
     # -- the dispatcher -------------------------------------------------------------------
 
@@ -367,10 +391,10 @@ class Worker:
                         break
                     if self._stopping and not self._draining and now >= self._grace_deadline:
                         break
-                    hungry = self._hungry()
+                    hungry = self._lanes.hungry(self._running.values())
                     if self._finished and (hungry or self._settle_now(now)):
                         break
-                    idle = not self._stopping and hungry and len(self._running) < self._capacity()
+                    idle = not self._stopping and hungry and max(self._room()) > 0
                     if idle and (self._wanted or now >= next_poll):
                         break
                     if idle and self._next_due is not None and now >= self._next_due:
@@ -389,8 +413,8 @@ class Worker:
                         break
                     if idle and self._watch is not None:
                         self._cond.wait(min(wait_until - now, CHANGE_CHECK_SECONDS))
-                        if self._watch.changed():
-                            self._wanted = True
+                        if self._watch.changed():  # another process wrote: a wake-up
+                            self._wanted, self._wakes = True, self._wakes + 1
                     else:
                         self._cond.wait(wait_until - now)
                 now = time.monotonic()
@@ -412,7 +436,7 @@ class Worker:
                         if running.started is None:
                             del self._running[job_id]
                             unstarted.append((job_id, running.job.attempt))
-                wanted = 0
+                wanted = (0, 0)
                 # Settling may free slots, unpark waiting jobs or make a retry due, so a
                 # round that settles anything also claims into the free capacity.
                 if not self._stopping and (
@@ -421,7 +445,7 @@ class Worker:
                     or now >= next_poll
                     or (self._next_due is not None and now >= self._next_due)
                 ):
-                    wanted = self._capacity() - len(self._running)
+                    wanted = self._room()
                     if now >= next_poll:
                         next_poll = now + settings.poll_interval
                     if self._next_due is not None and now >= self._next_due:
@@ -429,7 +453,7 @@ class Worker:
             try:
                 if unstarted:
                     self.store.release(self.id, unstarted, self.runtime.clock.now())
-                if finished or wanted > 0:
+                if finished or max(wanted) > 0:
                     self._claim(finished, wanted, kept)
                 finished = []
                 now = time.monotonic()
@@ -462,7 +486,11 @@ class Worker:
         if woken:
             self.wake()
 
-    def _claim(self, finished: list[Outcome], wanted: int, kept: dict[str, int]) -> None:
+    def _claim(
+        self, finished: list[Outcome], wanted: tuple[int, int], kept: dict[str, int]
+    ) -> None:
+        """Settle ``finished`` and claim up to ``wanted`` jobs: (for threads, for the
+        loop), each lane's tasks apart; one transaction per lane with room."""
         with self._cond:
             wakes = self._wakes
             short = self._average_runtime < SHORT_JOB_SECONDS
@@ -472,19 +500,12 @@ class Worker:
                 for group, count in held.items()
             }
         queues, tasks = self.registry.claimable(self._queues, self.runtime.paused())
-        result = self.store.claim(
-            self.id,
-            queues,
-            max(wanted, 0),
-            self.runtime.clock.now(),
-            self.runtime.settings.lease_seconds,
-            finished,
-            tasks=tasks,
-            limited=self.registry.limited_at_claim(),
-            held=held if short else None,
-            riders={g: n for g, n in budget.items() if n > 0} if short else None,
-            riders_per_slot=RIDERS_PER_SLOT if short else 0,
+        boarding = {g: n for g, n in budget.items() if n > 0}
+        riding = {"held": held, "riders": boarding, "riders_per_slot": RIDERS_PER_SLOT}
+        claimed = self._lanes.claim(
+            self.id, queues, tasks, wanted, finished, riding if short else {}, wakes
         )
+        result = claimed.first
         discarded = set(result.discarded)
         for outcome in finished:
             if outcome.job_id in discarded:
@@ -500,38 +521,31 @@ class Worker:
                         self._next_due = due
         with self._cond:
             self._handover.settled(finished, result.orphans)
-            if (
-                wanted > 0
-                and len(result.jobs) < wanted
-                and self._wakes == wakes
-                and not result.again
-            ):
+            if max(wanted) > 0 and not claimed.full and self._wakes == wakes and not claimed.again:
                 # Fewer due than asked for, and nothing new since: wait to be woken.
                 self._wanted = False
-            elif wanted > 0:
+            elif max(wanted) > 0:
                 self._wanted = True  # a full batch: more may be due
             riders = []
-            for job in result.jobs:
+            for job in claimed.jobs:
                 task = self.registry.tasks.get(job.task)
                 timeout = timeout_of(self.registry, task) if task is not None else None
+                if self._lanes.on_loop(job.task):
+                    timeout = None  # its coroutine is cancelled on the loop, at its deadline
                 running = self._running[job.id] = Running(job, timeout)
                 if job.slot_group is None:
-                    self._work.put(job)
+                    self._start_job(job)
                 elif job.holds_slots:
                     self._handover.take(running)
-                    self._work.put(job)
+                    self._start_job(job)
                 else:
                     riders.append(job)
             for job in riders:  # after the slots claimed with them are counted
                 self._handover.board(job)
 
-    def _hungry(self) -> bool:
-        """Whether the jobs claimed but not started run low: claim (and settle) now.
-
-        With short jobs a worker holds several per thread; claiming again as soon as
-        one has finished would cost a transaction for every few jobs."""
-        waiting = sum(1 for running in self._running.values() if running.started is None)
-        return waiting < self.threads
+    def _room(self) -> tuple[int, int]:
+        """How many more attempts to claim: for threads, for the loop."""
+        return self._lanes.room(self._running.values(), self._capacity())
 
     def _settle_now(self, now: float) -> bool:
         """Whether to settle the finished attempts before the worker is hungry."""
@@ -567,6 +581,7 @@ class Worker:
             )
         for _ in self._executors:
             self._work.put(None)
+        self._lanes.stop()  # loop resources closed, then the loop
         if self._keeper is not None:
             self._keeper.close()
         self._timekeeper.close()

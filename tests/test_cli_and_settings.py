@@ -4,7 +4,6 @@ and what the wheel ships."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -16,11 +15,12 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+import click
 import pytest
 
 import reliable.settings
 from reliable import ConfigError, ConfigWarning, Reliable, ReliableError, Settings, StoreError
-from reliable.cli import build_parser, locate
+from reliable.cli import cli, locate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,15 +104,16 @@ def test_a_bad_number_is_a_usage_error(option: str, value: str, expected: str) -
     )
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr
-    assert f"argument {option}: " in completed.stderr
+    assert f"Error: {option}: " in completed.stderr
     assert expected in completed.stderr
 
 
 def test_good_numbers_are_parsed() -> None:
-    args = build_parser().parse_args(["worker", "app", "--threads", "2", "--grace", "2m"])
-    assert (args.threads, args.grace) == (2, 120.0)
-    args = build_parser().parse_args(["worker", "app", "--grace", "0"])
-    assert (args.threads, args.grace) == (None, 0.0)
+    worker = cli.commands["worker"]
+    args = worker.make_context("worker", ["app", "--threads", "2", "--grace", "2m"]).params
+    assert (args["threads"], args["grace"]) == (2, 120.0)
+    args = worker.make_context("worker", ["app", "--grace", "0"]).params
+    assert (args["threads"], args["grace"]) == (None, 0.0)
 
 
 # -- 3. misspelt RELIABLE_* variables ----------------------------------------------------
@@ -290,26 +291,29 @@ def test_version() -> None:
 RST = re.compile(r"``|:[a-z]+:`|^\.\. |::$", re.MULTILINE)
 
 
-def every_parser(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
-    yield parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                yield from every_parser(child)
+def every_command(
+    command: click.Command, parent: click.Context | None = None
+) -> Iterator[click.Context]:
+    context = click.Context(command, info_name=command.name or "reliable", parent=parent)
+    yield context
+    if isinstance(command, click.Group):
+        for child in command.commands.values():
+            yield from every_command(child, context)
 
 
 def test_help_is_plain_text() -> None:
-    parsers = list(every_parser(build_parser()))
-    assert {parser.prog for parser in parsers} >= {
+    contexts = list(every_command(cli))
+    assert {context.command_path for context in contexts} >= {
         "reliable",
         "reliable worker",
         "reliable db upgrade",
         "reliable jobs show",
+        "reliable jobs retry",
     }
-    for parser in parsers:
-        text = parser.format_help()
+    for context in contexts:
+        text = context.command.get_help(context)
         assert RST.search(text) is None, text
-        assert parser.description, parser.prog
+        assert context.command.help, context.command_path
     completed = subprocess.run(
         [sys.executable, "-m", "reliable.cli", "--help"],
         capture_output=True,
@@ -374,4 +378,14 @@ def test_the_wheel_ships_the_migrations_and_builds_without_warnings(tmp_path: Pa
     } <= expected
     assert expected <= names, sorted(expected - names)
     assert "reliable/py.typed" in names
+    # The dashboard's templates, stylesheet and script are served from the package.
+    dashboard = REPO / "reliable" / "dashboard"
+    assets = {
+        path.relative_to(REPO).as_posix()
+        for folder in ("templates", "static")
+        for path in (dashboard / folder).iterdir()
+        if path.is_file()
+    }
+    assert any(name.endswith(".html") for name in assets)
+    assert assets <= names, sorted(assets - names)
     assert "reliable/integrations/starlette.py" in names

@@ -82,6 +82,42 @@ def test_an_async_job_cancelled_while_it_awaits_gets_cancelled_error(db_url: str
         app.close()
 
 
+def test_with_a_cap_of_one_the_next_job_starts_only_after_the_cancelled_attempt_returned(
+    db_url: str,
+) -> None:
+    app = Reliable(db_url, embedded_worker=False)
+    events: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    @app.task(concurrency=1)
+    def work(n: int) -> None:
+        events.append(f"start {n}")
+        if n == 1:
+            inside.set()
+            release.wait(WAIT)  # no step boundary: the cancel cannot stop it early
+        events.append(f"end {n}")
+
+    app.start_worker(threads=4)
+    try:
+        first = work.enqueue(1)
+        assert inside.wait(WAIT)
+        second = work.enqueue(2)
+        assert app.cancel(first.id)
+        assert first.status() == "cancelled"
+        # The cancelled attempt still runs: its slot is not free, the second job waits.
+        time.sleep(0.5)
+        assert events == ["start 1"]
+        assert second.status() == "queued"
+        release.set()
+        until(lambda: second.status() == "succeeded", "the second job ran")
+        assert events == ["start 1", "end 1", "start 2", "end 2"]
+        assert first.status() == "cancelled"
+    finally:
+        release.set()
+        app.stop_worker(timeout=5)
+        app.close()
+
+
 # -- retry and replay -------------------------------------------------------------------
 
 
@@ -234,7 +270,9 @@ def test_bulk_actions_reach_every_matching_job_not_one_page(rel: Reliable) -> No
     assert rel.retry_jobs(task="flaky") == 1200
     assert rel.store.count_by_status() == {"queued": 1200, "succeeded": 3}
     assert rel.cancel_jobs(task="flaky", dry_run=True) == 1200
-    assert rel.cancel_jobs(task="flaky") == 1200
+    reports: list[tuple[int, int]] = []
+    assert rel.cancel_jobs(task="flaky", progress=lambda *report: reports.append(report)) == 1200
+    assert reports == [(500, 1200), (1000, 1200), (1200, 1200)]  # one report a batch
     assert rel.store.count_by_status() == {"cancelled": 1200, "succeeded": 3}
     assert rel.replay_jobs(task="idle") == 3
     assert rel.store.count_by_status() == {"cancelled": 1200, "succeeded": 3, "queued": 3}

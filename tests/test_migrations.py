@@ -93,7 +93,7 @@ def test_jobs_show_prints_the_job(db_url: str) -> None:
     handle = square.enqueue(9)
     rel.run_until_idle()
     rel.close()
-    completed = run_cli("jobs", "show", handle.id, "--database-url", db_url)
+    completed = run_cli("jobs", "show", handle.id, "--database-url", db_url, "--json")
     assert completed.returncode == 0, completed.stderr
     document = json.loads(completed.stdout)
     assert (document["status"], document["result"], document["task"]) == ("succeeded", 81, "square")
@@ -101,7 +101,7 @@ def test_jobs_show_prints_the_job(db_url: str) -> None:
 
 def test_unknown_job_is_a_clear_cli_error(db_url: str) -> None:
     completed = run_cli("jobs", "show", "0" * 32, "--database-url", db_url)
-    assert completed.returncode == 2
+    assert completed.returncode == 3  # not found (docs/cli.md)
     assert "no job with id" in completed.stderr
 
 

@@ -19,16 +19,16 @@ MAX_LINES = 600
 LAYERS = [
     ["reliable.errors", "reliable.clock", "reliable.durations", "reliable.serialization",
      "reliable.settings", "reliable.logs", "reliable.context", "reliable.cron",
-     "reliable.background"],
+     "reliable.background", "reliable.tracing"],
     ["reliable.store"],
-    ["reliable.jobs", "reliable.limits", "reliable.runtime"],
+    ["reliable.jobs", "reliable.limits", "reliable.runtime", "reliable.telemetry"],
     ["reliable.handles", "reliable.tasks", "reliable.overrides", "reliable.registry",
      "reliable.calls", "reliable.schedules"],
     ["reliable.steps", "reliable.execution", "reliable.handover", "reliable.overruns",
      "reliable.leases", "reliable.worker", "reliable.web", "reliable.operations",
-     "reliable.retention", "reliable.timekeeper"],
+     "reliable.retention", "reliable.timekeeper", "reliable.aio", "reliable.metrics"],
     ["reliable.app"],
-    ["reliable.cli", "reliable.integrations", "reliable"],
+    ["reliable.cli", "reliable.integrations", "reliable.dashboard", "reliable"],
 ]  # fmt: skip
 
 

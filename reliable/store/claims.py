@@ -94,6 +94,7 @@ def _start(where: Any, *, holding: str | None = None) -> Any:
             jobs.c.attempt_base,
             jobs.c.start_by,
             jobs.c.finish_by,
+            jobs.c.trace_context,
         )
     )
 
@@ -269,6 +270,8 @@ class Claiming(Database):
                     r.attempt_base,
                     r.start_by,
                     r.finish_by,
+                    run_at=r.run_at,
+                    trace_context=r.trace_context,
                 )
                 for r in sorted(rows, key=lambda row: (-row.priority, row.run_at))
             ]

@@ -7,6 +7,7 @@ database's indexes, not by checks in Python, so it holds across processes and ma
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -47,33 +48,98 @@ def parse_database_url(raw: str) -> URL:
     return url
 
 
+def same_database(first: URL, second: URL) -> bool:
+    """Whether two URLs name one database: one SQLite file (paths resolved), or one
+    PostgreSQL database on one server (the user and driver may differ)."""
+    if first.get_backend_name() != second.get_backend_name():
+        return False
+    if first.get_backend_name() == "sqlite":
+        if (
+            not first.database
+            or not second.database
+            or ":memory:" in (first.database, second.database)
+        ):
+            return False
+        return os.path.realpath(first.database) == os.path.realpath(second.database)
+    return (first.host or "localhost", first.port or 5432, first.database) == (
+        second.host or "localhost",
+        second.port or 5432,
+        second.database,
+    )
+
+
+def masked(url: URL) -> str:
+    """A URL as it may be shown: its password replaced by ``***``."""
+    return url.render_as_string(hide_password=True)
+
+
+def masked_url(raw: str) -> str:
+    """A database URL as it may be shown (password ``***``); ``raw`` if unparsable."""
+    try:
+        return masked(make_url(raw))
+    except ArgumentError:
+        return raw
+
+
+def check_same_database(store: URL, other: URL, name: str) -> None:
+    """Raise ``ConfigError`` naming ``name`` and both URLs (passwords masked) unless
+    ``other`` is the job store's database."""
+    if not same_database(store, other):
+        raise ConfigError(
+            name,
+            f"it is bound to {masked(other)}, but the job store is {masked(store)}: they "
+            "must be one database (jobs in another would never reach the workers); pass "
+            "the application's engine, Reliable(engine=...), or enqueue without it",
+        )
+
+
 class Database:
     """A SQLite or PostgreSQL database holding ``reliable``'s tables.
 
     ``url`` is a SQLAlchemy URL (``sqlite:///jobs.db`` or ``postgresql://...``). The
     schema is brought to the current revision on first use when ``auto_migrate`` is set.
     The job store (``Store``) is this plus its operations, one concept per module.
+
+    ``engine``: an application's own engine, used (its pool shared) instead of one of
+    the store's; ``url`` may then be ``None``, or must name the same database
+    (``ConfigError`` otherwise). The store never disposes of an engine it was given.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
+        engine: Engine | None = None,
         pool_size: int = 8,
         sqlite_synchronous: str = "FULL",
         auto_migrate: bool = True,
     ) -> None:
-        self.url = parse_database_url(url)
+        if engine is not None:
+            shared = parse_database_url(engine.url.render_as_string(hide_password=False))
+            if url is not None:
+                check_same_database(parse_database_url(url), engine.url, "engine")
+            self.url = shared
+        elif url is None:
+            raise ConfigError("RELIABLE_DATABASE_URL", "give a database URL or an engine")
+        else:
+            self.url = parse_database_url(url)
         self.dialect = "sqlite" if self.url.get_backend_name() == "sqlite" else "postgresql"
         self.engine: Engine
-        if self.dialect == "sqlite":
+        self.shared = engine is not None
+        self._same: dict[URL, bool] = {}  # engines of callers' transactions, checked
+        self._insert: Any = sqlite.insert if self.dialect == "sqlite" else postgres.insert
+        if engine is not None:
+            self.engine = engine
+            if self.dialect == "sqlite":
+                self.engine = sqlite.share_engine(engine, synchronous=sqlite_synchronous)
+        elif self.dialect == "sqlite":
             self.engine = sqlite.make_engine(
                 self.url, synchronous=sqlite_synchronous, pool_size=pool_size
             )
-            self._insert: Any = sqlite.insert
         else:
             self.engine = postgres.make_engine(self.url, pool_size=pool_size)
-            self._insert = postgres.insert
+        self._autocommit: Engine | None = None  # see _single_statement
+        self._groups: dict[str, sqlite.GroupCommit] = {}  # see _insert_alone
         self._changed = threading.Condition()
         self._rotation = 0
         self._known_scopes: set[str] = set()  # concurrency counter rows that exist
@@ -83,7 +149,8 @@ class Database:
         self._users_lock = threading.Lock()
         # A store dropped without close() still closes its connections, rather than
         # leaving them to the garbage collector (which warns about each one).
-        weakref.finalize(self, self.engine.dispose)
+        if not self.shared:
+            weakref.finalize(self, self.engine.dispose)
         try:
             ensure_schema(self.engine, auto=auto_migrate)
         except DBAPIError as exc:
@@ -104,18 +171,47 @@ class Database:
     def _single_statement(self) -> Iterator[Connection]:
         """A connection in autocommit mode, for a write that is one statement: atomic
         on its own, and one round trip (no BEGIN, no COMMIT) instead of three."""
-        # SQLite: the driver already runs in autocommit mode; the option only keeps the
-        # "begin" hook from opening a transaction. PostgreSQL: psycopg's autocommit.
-        options = (
-            {"reliable_autocommit": True}
-            if self.dialect == "sqlite"
-            else {"isolation_level": "AUTOCOMMIT"}
-        )
+        if self._autocommit is None:
+            # SQLite: the driver already runs in autocommit mode; the option only keeps
+            # the "begin" hook from opening a transaction. PostgreSQL: psycopg's
+            # autocommit. Made once: options set per connection cost a copy each time.
+            options: dict[str, Any] = (
+                {"reliable_autocommit": True}
+                if self.dialect == "sqlite"
+                else {"isolation_level": "AUTOCOMMIT"}
+            )
+            if self.shared and self.dialect == "sqlite":
+                # A shared engine's driver opens transactions itself: switched off here.
+                options["isolation_level"] = "AUTOCOMMIT"
+            self._autocommit = self.engine.execution_options(**options)
         try:
-            with self.engine.connect() as connection:
-                yield connection.execution_options(**options)
+            with self._autocommit.connect() as connection:
+                yield connection
         except DBAPIError as exc:
             raise StoreError(f"database write failed: {exc.orig}") from exc
+
+    def _insert_alone(self, sql: str, row: tuple[Any, ...]) -> bool:
+        """On the store's own SQLite engine, commit one row: ``sql`` (compiled by
+        SQLAlchemy, positional placeholders) with the bound values ``row``; ``False``
+        elsewhere (nothing done: use ``_single_statement``).
+
+        Rows of threads inserting at the same time are committed together, one wait
+        for the disk for all (``sqlite.GroupCommit``); a lone row is one statement in
+        autocommit mode. As the group writes one batch at a time, it keeps one
+        connection of its own (made by the engine, with its PRAGMAs), and skips the
+        pool's checkout and the ``Connection`` wrapper, which cost as much CPU as
+        SQLite's insert itself. SQLite never drops a connection: no reconnect to handle.
+        """
+        if self.dialect != "sqlite" or self.shared or self.closed:
+            return False
+        group = self._groups.get(sql)
+        if group is None:  # one per statement (there is one: the job INSERT)
+            with self._users_lock:
+                group = self._groups.get(sql)
+                if group is None:
+                    group = self._groups[sql] = sqlite.GroupCommit(self.engine, sql)
+        group.insert(row)
+        return True
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -126,6 +222,57 @@ class Database:
                     yield connection
         except DBAPIError as exc:
             raise StoreError(f"database read failed: {exc.orig}") from exc
+
+    def joined(self, within: object) -> Connection:
+        """The connection of a caller's open transaction: ``within`` is a SQLAlchemy
+        ``Connection``, or a ``Session`` (or ``scoped_session``), whose transaction it
+        begins if none is open (on its default bind).
+
+        Raises ``ConfigError`` for anything else, for a closed connection, and for one
+        bound to another database than this store (naming both, passwords masked).
+        """
+        connection = within
+        if not isinstance(within, Connection):
+            get = getattr(within, "connection", None)
+            if not callable(get):
+                raise ConfigError(
+                    "session",
+                    f"expected a SQLAlchemy Session or Connection, got {type(within).__name__}",
+                )
+            connection = get()
+        if not isinstance(connection, Connection):
+            raise ConfigError(
+                "session", f"{type(within).__name__}.connection() gave no SQLAlchemy Connection"
+            )
+        if connection.closed or connection.invalidated:
+            raise ConfigError("connection", "the connection is closed: enqueue in an open one")
+        engine = connection.engine
+        same = self._same.get(engine.url)
+        if same is None:
+            same = self._same[engine.url] = same_database(self.url, engine.url)
+        if not same:
+            check_same_database(self.url, engine.url, "session")
+        return connection
+
+    def commit(self, within: object) -> None:
+        """Commit a caller's transaction (``Session`` or ``Connection``; an offloaded
+        route's, before its 202); ``StoreError`` when the database refuses."""
+        commit = getattr(within, "commit", None)
+        if not callable(commit):
+            raise ConfigError("session", f"cannot commit a {type(within).__name__}")
+        try:
+            commit()
+        except DBAPIError as exc:
+            raise StoreError(f"database write failed: {exc.orig}") from exc
+
+    @staticmethod
+    def still_open(connection: Connection) -> Callable[[], bool]:
+        """Whether the transaction ``connection`` is in now is still open (so what it
+        wrote is not yet visible to anyone else, and may yet be rolled back)."""
+        transaction = connection.get_transaction()
+        if transaction is None:
+            return lambda: False
+        return lambda: transaction.is_active
 
     def add_waker(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` after this process commits new work (workers in this process)."""
@@ -164,7 +311,7 @@ class Database:
         with self._users_lock:
             self._users -= 1
             last = self._users == 0 and self.closed
-        if last:
+        if last and not self.shared:
             self.engine.dispose()
 
     def close(self) -> None:
@@ -173,5 +320,24 @@ class Database:
         with self._users_lock:
             self.closed = True
             busy = self._users > 0
-        if not busy:
+            groups, self._groups = list(self._groups.values()), {}
+        for group in groups:
+            group.close()
+        if not busy and not self.shared:
             self.engine.dispose()
+
+
+def shared_engine_url(engine: object, database_url: str | None) -> str:
+    """The URL of an application's ``engine`` for the job store to share, checked: a
+    SQLAlchemy ``Engine`` on SQLite (a file) or PostgreSQL, on the same database as
+    ``database_url`` when one is given. ``ConfigError`` naming ``engine`` otherwise."""
+    if not isinstance(engine, Engine):
+        raise ConfigError("engine", f"expected a SQLAlchemy Engine, got {type(engine).__name__}")
+    url = engine.url
+    try:
+        parse_database_url(url.render_as_string(hide_password=False))
+    except ConfigError as exc:
+        raise ConfigError("engine", str(exc).partition(": ")[2]) from exc
+    if database_url is not None:
+        check_same_database(parse_database_url(database_url), url, "engine")
+    return url.render_as_string(hide_password=False)

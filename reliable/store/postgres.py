@@ -16,10 +16,35 @@ log = logging.getLogger("reliable.store")
 
 CHANNEL = "reliable_jobs"
 insert = postgresql_insert
+# ``?pgbouncer=true`` on the URL: the server is reached through PgBouncer's transaction
+# pooling (docs/performance.md). Read by reliable, never passed to the driver.
+POOLER_OPTION = "pgbouncer"
+
+
+def behind_pooler(url: URL) -> bool:
+    """Whether ``url`` says the database is behind a transaction pooler
+    (``?pgbouncer=true``); ``ConfigError`` for a value other than true or false."""
+    value = url.query.get(POOLER_OPTION)
+    if value is None:
+        return False
+    if isinstance(value, tuple) or value.lower() not in ("true", "false"):
+        raise ConfigError(
+            "RELIABLE_DATABASE_URL", f"{POOLER_OPTION}= is true or false, got {value!r}"
+        )
+    return value.lower() == "true"
+
+
+def driver_url(url: URL) -> URL:
+    """``url`` without the options that are reliable's, not the driver's."""
+    return url.difference_update_query([POOLER_OPTION])
 
 
 def make_engine(url: URL, *, pool_size: int) -> Engine:
     """An engine on the psycopg 3 driver, whatever driver the URL named.
+
+    Behind a transaction pooler (``?pgbouncer=true``), consecutive transactions of one
+    connection may reach different server sessions, so nothing may rely on session
+    state: psycopg's server-side prepared statements are switched off.
 
     Raises ``ConfigError`` (naming ``RELIABLE_DATABASE_URL``) saying what to install
     when psycopg cannot be imported.
@@ -34,10 +59,12 @@ def make_engine(url: URL, *, pool_size: int) -> Engine:
             f"{url.render_as_string(hide_password=True)} needs the psycopg driver, which "
             f"cannot be imported ({exc}): pip install 'reliable[postgres]'",
         ) from exc
+    connect_args: dict[str, object] = {"prepare_threshold": None} if behind_pooler(url) else {}
     return create_engine(
-        url.set(drivername="postgresql+psycopg"),
+        driver_url(url).set(drivername="postgresql+psycopg"),
         pool_size=pool_size,
         max_overflow=pool_size * 2,
+        connect_args=connect_args,
     )
 
 
@@ -47,13 +74,22 @@ class Listener:
     The insert trigger created by the migrations notifies on every new job, so idle
     workers start it within milliseconds. When the connection drops (a database
     restart), it reconnects with backoff; polling covers the gap.
+
+    Behind a transaction pooler (``?pgbouncer=true``) notifications are delivered to
+    whichever client holds the server connection next, or to none: no thread is
+    started, and idle workers find new jobs by polling (``RELIABLE_POLL_INTERVAL``).
     """
 
     def __init__(self, url: URL, wake: Callable[[], None]) -> None:
-        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._conninfo = (
+            driver_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        )
         self._wake = wake
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reliable-listen", daemon=True)
+        if behind_pooler(url):
+            log.info("behind PgBouncer: no LISTEN; idle workers poll for new jobs")
+            return
         self._thread.start()
 
     def _run(self) -> None:
@@ -78,4 +114,5 @@ class Listener:
 
     def close(self) -> None:
         self._stopped.set()
-        self._thread.join(timeout=2)
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)

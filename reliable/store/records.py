@@ -66,6 +66,8 @@ class NewJob:
     # (``finish_within``), retries and sleeps included.
     start_by: float | None = None
     finish_by: float | None = None
+    # The enqueuing span's trace context (see ``tracing``).
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,10 @@ class ClaimedJob:
     # The job's deadlines (see ``NewJob``); ``start_by`` only until it first ran.
     start_by: float | None = None
     finish_by: float | None = None
+    # When the job was due (the queue wait ends at ``started_at``), and the trace
+    # context it was enqueued in (see ``tracing``).
+    run_at: float | None = None
+    trace_context: str | None = None
 
 
 @dataclass(slots=True)
@@ -188,6 +194,7 @@ class JobRow:
     cancel_match: str | None = None
     start_by: float | None = None
     finish_by: float | None = None
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

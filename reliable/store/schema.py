@@ -67,6 +67,8 @@ jobs = Table(
     # finish by (``finish_within``), retries and sleeps included.
     Column("start_by", Double),
     Column("finish_by", Double),
+    # The enqueuing span's trace context (W3C ``traceparent``), when tracing is on.
+    Column("trace_context", Text),
     # The claim path: an index lookup over due jobs only, highest priority first.
     Index(
         "ix_reliable_jobs_due",

@@ -10,6 +10,7 @@ Each concept has its module; ``Store`` puts them together:
 - ``maintenance``: dead workers' jobs taken over, races repaired, admissions pruned;
 - ``steps``: steps, event waits and events;
 - ``queries``: reads of jobs;
+- ``insight``: the dashboard's bounded counts, throughput, queue wait and workers;
 - ``operator``: listings, cancel, retry, replay, pauses, events;
 - ``schedules``: cron schedules and the ticks they dealt with;
 - ``retention``: finished jobs removed, a batch at a time.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from .claims import Claiming
 from .enqueue import Enqueuing
+from .insight import Insight
 from .leasing import Leasing
 from .maintenance import Maintaining
 from .operator import Operating
@@ -30,7 +32,7 @@ from .steps import Stepping
 
 
 @reconnecting(
-    "enqueue",
+    "_enqueue_own",  # not enqueue: a caller's transaction is never made twice
     "claim",
     "settle",
     "heartbeat",
@@ -63,6 +65,12 @@ from .steps import Stepping
     "sweep_parked",
     "flow_state",
     "count_by_status",
+    "count_by_status_bounded",
+    "count_matching",
+    "recent_by_task",
+    "finished_per_bucket",
+    "recent_waits",
+    "list_workers",
     "register_schedules",
     "schedule_ticks",
     "advance_schedule",
@@ -76,6 +84,7 @@ class Store(
     Maintaining,
     Stepping,
     Querying,
+    Insight,
     Operating,
     Scheduling,
     Purging,

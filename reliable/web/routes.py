@@ -16,9 +16,10 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from ..calls import NO_OPTIONS
 from ..errors import ConfigError, IdempotencyConflict, RateLimited, ReliableError, StoreError
 from ..limits import Key, MissingKey, describe_key, plan, scope_value
 from ..registry import Registry
@@ -87,6 +88,7 @@ class RouteOptions:
     idempotency: str
     idempotency_scope: RequestHook | None
     capture: RequestHook | None
+    session: RequestHook | None = None  # the request's SQLAlchemy session or connection
 
     @classmethod
     def build(
@@ -95,6 +97,7 @@ class RouteOptions:
         idempotency: str = "optional",
         idempotency_scope: RequestHook | None = None,
         capture: RequestHook | None = None,
+        session: RequestHook | None = None,
     ) -> RouteOptions:
         if idempotency not in IDEMPOTENCY_MODES:
             raise ConfigError(
@@ -105,7 +108,11 @@ class RouteOptions:
             raise ConfigError("idempotency_scope", "expected a function of the request")
         if capture is not None and not callable(capture):
             raise ConfigError("capture", "expected a function of the request returning JSON")
-        return cls(idempotency, idempotency_scope, capture)
+        if session is not None and not callable(session):
+            raise ConfigError(
+                "session", "expected a function of the request returning its SQLAlchemy session"
+            )
+        return cls(idempotency, idempotency_scope, capture, session)
 
 
 def result_document(response: HttpResponse, redact: Iterable[str] = ()) -> dict[str, Any]:
@@ -176,6 +183,7 @@ def offload(registry: Registry, fn: Callable[..., Any], **options: Any) -> Calla
         idempotency=options.pop("idempotency", "optional"),
         idempotency_scope=options.pop("idempotency_scope", None),
         capture=options.pop("capture", None),
+        session=options.pop("session", None),
     )
     if "idempotency_key" in options:
         raise ConfigError(
@@ -280,6 +288,10 @@ def admit(
             idempotency_scope = f"{idempotency_scope}:{scope}"
         elif held := snapshot.carried_credentials(settings.redact_headers, credentials):
             idempotency_scope = f"{idempotency_scope}:caller:{caller_fingerprint(held)}"
+    # With a ``session`` hook, the job is written in the request's transaction, which
+    # is committed here: a 202 promises a committed job. A refused request leaves that
+    # transaction to the application (Flask-SQLAlchemy rolls it back after the request).
+    within = None if route.route.session is None else route.route.session(request)
     try:
         handle = route.enqueue_payload(
             payload,
@@ -287,7 +299,10 @@ def admit(
             idempotency_scope=idempotency_scope,
             fingerprint=fingerprint,
             flow=flow,
+            call=replace(NO_OPTIONS, within=within),
         )
+        if within is not None:
+            route.runtime.store.commit(within)
     except IdempotencyConflict:
         return problem(
             422, "this Idempotency-Key was already used with a different request", key=key

@@ -3,7 +3,9 @@ with SIGTERM (``uvicorn tests.apps.embedded_starlette:app``).
 
 ``POST /jobs/{name}`` offloads a handler that leaves ``<name>.started`` in the folder
 named by ``EMBEDDED_APP_MARKERS`` and then waits for ``<name>.release`` there, blocking
-its thread (so that it cannot be cancelled before it has finished).
+its thread (so that it cannot be cancelled before it has finished). It is a plain
+``def``, as blocking handlers should be: Starlette, and the worker, run it in a thread,
+so it does not block the event loop that async handlers share.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ async def ready(request: Request) -> PlainTextResponse:
 
 
 @rel.offload
-async def job(request: Request) -> JSONResponse:
+def job(request: Request) -> JSONResponse:
     name = request.path_params["name"]
     (MARKERS / f"{name}.started").touch()
     while not (MARKERS / f"{name}.release").exists():

@@ -1,0 +1,136 @@
+"""What this process's attempts tell operators: a log line as each starts and ends, a
+tracing span around it, and the counters behind the metrics (attempts and outcomes,
+queue wait and run time, rate-limit refusals).
+
+``Counters`` live on the ``Runtime``; ``attempt`` wraps one attempt and feeds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from . import tracing
+from .store import ClaimedJob, Outcome
+
+log = logging.getLogger("reliable.attempts")
+
+# Upper bounds (seconds) of the queue wait and run time histogram buckets.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+           900.0, 3600.0)  # fmt: skip
+
+
+@dataclass
+class Histogram:
+    """Observations counted per bucket (not cumulative), and their sum."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(BUCKETS) if value <= bound), len(BUCKETS))
+        self.counts[index] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(upper bound, observations at most that)`` pairs, ``+Inf`` last."""
+        pairs, running = [], 0
+        for bound, count in zip([*map(repr, BUCKETS), "+Inf"], self.counts, strict=True):
+            running += count
+            pairs.append((bound, running))
+        return pairs
+
+
+class Counters:
+    """In-process counts of this process's attempts, by task (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started: dict[str, int] = {}
+        self.ended: dict[tuple[str, str], int] = {}  # (task, outcome)
+        self.waits: dict[str, Histogram] = {}
+        self.runs: dict[str, Histogram] = {}
+        self.refusals: dict[str, int] = {}  # rate-limit scope -> refused enqueues
+
+    def attempt_started(self, task: str, wait: float | None) -> None:
+        with self._lock:
+            self.started[task] = self.started.get(task, 0) + 1
+            if wait is not None:
+                self.waits.setdefault(task, Histogram()).observe(max(0.0, wait))
+
+    def attempt_ended(self, task: str, outcome: str, seconds: float) -> None:
+        with self._lock:
+            self.ended[task, outcome] = self.ended.get((task, outcome), 0) + 1
+            self.runs.setdefault(task, Histogram()).observe(max(0.0, seconds))
+
+    def refused(self, scope: str) -> None:
+        with self._lock:
+            self.refusals[scope] = self.refusals.get(scope, 0) + 1
+
+    def snapshot(
+        self,
+    ) -> tuple[
+        dict[str, int],
+        dict[tuple[str, str], int],
+        dict[str, Histogram],
+        dict[str, Histogram],
+        dict[str, int],
+    ]:
+        """Copies of (started, ended, waits, runs, refusals), taken together."""
+        with self._lock:
+            return (
+                dict(self.started),
+                dict(self.ended),
+                {t: Histogram(list(h.counts), h.total) for t, h in self.waits.items()},
+                {t: Histogram(list(h.counts), h.total) for t, h in self.runs.items()},
+                dict(self.refusals),
+            )
+
+
+def outcome_name(outcome: Outcome) -> str:
+    """How an attempt ended, in one word: ``succeeded``, ``failed``, ``retry``,
+    ``sleeping``, ``cancelled`` or ``released`` (given back without counting)."""
+    if outcome.status == "queued":
+        return "retry" if outcome.counted else "released"
+    return outcome.status
+
+
+@contextlib.contextmanager
+def attempt(counters: Counters, job: ClaimedJob) -> Iterator[Callable[[Outcome], None]]:
+    """Around one attempt of ``job``: log its start, open its span, count it; the
+    caller reports the ``Outcome`` through the function yielded (an attempt that
+    raises instead is counted and logged as ``error``)."""
+    wait = None if job.run_at is None else job.started_at - job.run_at
+    counters.attempt_started(job.task, wait)
+    fields = {"job_id": job.id, "task": job.task, "attempt": job.attempt}
+    log.debug(
+        "job %s (%s): attempt %d started",
+        job.id,
+        job.task,
+        job.attempt,
+        extra={**fields, "event": "attempt_started", "queue_wait": wait},
+    )
+    began = time.monotonic()
+    ended: list[Outcome] = []
+    with tracing.attempt_span(job.task, job.id, job.attempt, job.trace_context) as span:
+        try:
+            yield ended.append
+        finally:
+            seconds = time.monotonic() - began
+            name = outcome_name(ended[-1]) if ended else "error"
+            if ended:
+                span.outcome(name, ended[-1].error)
+            counters.attempt_ended(job.task, name, seconds)
+            log.debug(
+                "job %s (%s): attempt %d ended: %s in %.3fs",
+                job.id,
+                job.task,
+                job.attempt,
+                name,
+                seconds,
+                extra={**fields, "event": "attempt_ended", "outcome": name, "duration": seconds},
+            )
