@@ -7,6 +7,7 @@ queue wait and run time, rate-limit refusals).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import threading
@@ -32,8 +33,7 @@ class Histogram:
     total: float = 0.0
 
     def observe(self, value: float) -> None:
-        index = next((i for i, bound in enumerate(BUCKETS) if value <= bound), len(BUCKETS))
-        self.counts[index] += 1
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
         self.total += value
 
     def cumulative(self) -> list[tuple[str, int]]:
@@ -103,28 +103,29 @@ def outcome_name(outcome: Outcome) -> str:
 def attempt(counters: Counters, job: ClaimedJob) -> Iterator[Callable[[Outcome], None]]:
     """Around one attempt of ``job``: log its start, open its span, count it; the
     caller reports the ``Outcome`` through the function yielded (an attempt that
-    raises instead is counted and logged as ``error``)."""
+    raises instead is counted and logged as ``error``). On every attempt's path: what
+    nobody listens to (debug lines, spans without a tracer provider) is skipped."""
     wait = None if job.run_at is None else job.started_at - job.run_at
     counters.attempt_started(job.task, wait)
-    fields = {"job_id": job.id, "task": job.task, "attempt": job.attempt}
-    log.debug(
-        "job %s (%s): attempt %d started",
-        job.id,
-        job.task,
-        job.attempt,
-        extra={**fields, "event": "attempt_started", "queue_wait": wait},
-    )
+    debug = log.isEnabledFor(logging.DEBUG)
+    if debug:
+        log.debug(
+            "job %s (%s): attempt %d started",
+            job.id,
+            job.task,
+            job.attempt,
+            extra={**_fields(job), "event": "attempt_started", "queue_wait": wait},
+        )
     began = time.monotonic()
     ended: list[Outcome] = []
-    with tracing.attempt_span(job.task, job.id, job.attempt, job.trace_context) as span:
-        try:
-            yield ended.append
-        finally:
-            seconds = time.monotonic() - began
-            name = outcome_name(ended[-1]) if ended else "error"
-            if ended:
-                span.outcome(name, ended[-1].error)
-            counters.attempt_ended(job.task, name, seconds)
+
+    def finish(span: tracing.AttemptSpan | None) -> None:
+        seconds = time.monotonic() - began
+        name = outcome_name(ended[-1]) if ended else "error"
+        if span is not None and ended:
+            span.outcome(name, ended[-1].error)
+        counters.attempt_ended(job.task, name, seconds)
+        if debug:
             log.debug(
                 "job %s (%s): attempt %d ended: %s in %.3fs",
                 job.id,
@@ -132,5 +133,22 @@ def attempt(counters: Counters, job: ClaimedJob) -> Iterator[Callable[[Outcome],
                 job.attempt,
                 name,
                 seconds,
-                extra={**fields, "event": "attempt_ended", "outcome": name, "duration": seconds},
-            )
+                extra={**_fields(job), "event": "attempt_ended", "outcome": name,
+                       "duration": seconds},
+            )  # fmt: skip
+
+    if not tracing.recording():
+        try:
+            yield ended.append
+        finally:
+            finish(None)
+        return
+    with tracing.attempt_span(job.task, job.id, job.attempt, job.trace_context) as span:
+        try:
+            yield ended.append
+        finally:
+            finish(span)
+
+
+def _fields(job: ClaimedJob) -> dict[str, object]:
+    return {"job_id": job.id, "task": job.task, "attempt": job.attempt}

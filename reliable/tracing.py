@@ -30,7 +30,7 @@ def enabled() -> bool:
     return trace is not None
 
 
-def _recording() -> bool:
+def recording() -> bool:
     """Whether the application has set a tracer provider: until it does, OpenTelemetry's
     default one records nothing, and spans are skipped (they cost microseconds a job)."""
     if trace is None:
@@ -43,7 +43,7 @@ def _recording() -> bool:
 def enqueue_span(task: str, job_id: str) -> Iterator[str | None]:
     """A span around enqueueing ``job_id``; yields the trace context to store with the
     job (``None`` without OpenTelemetry or without a recording span)."""
-    if not _recording():
+    if not recording():
         yield None
         return
     tracer = trace.get_tracer(TRACER_NAME)
@@ -78,7 +78,7 @@ def attempt_span(
 ) -> Iterator[AttemptSpan]:
     """The current span while an attempt of ``job_id`` runs: a child of the span that
     enqueued the job (``trace_context``), linked to it as well."""
-    if not _recording():
+    if not recording():
         yield AttemptSpan(None)
         return
     parent = None
@@ -105,7 +105,7 @@ def attempt_span(
 def step_span(name: str, job_id: str) -> Iterator[None]:
     """A span around running step ``name`` of ``job_id``, a child of the current one
     (the attempt's)."""
-    if not _recording():
+    if not recording():
         yield
         return
     tracer = trace.get_tracer(TRACER_NAME)

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, Engine, inspect, text
 from ..errors import StoreError
 
 # The newest revision in reliable/migrations/versions; checked without importing Alembic.
-HEAD = "0009"
+HEAD = "0010"
 VERSION_TABLE = "reliable_alembic_version"
 # Serializes concurrent upgrades on PostgreSQL (an arbitrary, fixed advisory lock id).
 _ADVISORY_LOCK = 0x72656C69

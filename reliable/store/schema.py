@@ -109,11 +109,13 @@ jobs = Table(
     ),
     Index("ix_reliable_jobs_task_created", "task", "created_at"),
     Index("ix_reliable_jobs_status_created", "status", "created_at"),
-    # Retention: finished jobs, oldest first. A job is in it from when it finishes.
+    # Retention and throughput: finished jobs by when they finished. On SQLite keyed on
+    # finished_at alone (only a finished job has one): a partial index on the status
+    # halved its drain rate, each settle rewriting it (bench.revisions).
     Index(
         "ix_reliable_jobs_finished",
         "finished_at",
-        sqlite_where=text(f"status IN {FINISHED_SQL}"),
+        sqlite_where=text("finished_at IS NOT NULL"),
         postgresql_where=text(f"status IN {FINISHED_SQL}"),
     ),
     # Listings, newest first, a page after another (``Reliable.jobs``).
