@@ -76,11 +76,16 @@ class Servers:
         once each answers."""
         app = APPS[framework]
         if framework == "flask":
-            args = ("-w", str(count), "-k", "gthread", "--threads", "8", "-b", "127.0.0.1:0")
+            # Idle keep-alive connections are kept longer than a loaded run leaves one
+            # idle in the client's pool: a server closing one just as the client reuses
+            # it resets a request that never reached the app (gunicorn's default: 2 s).
+            args = ("-w", str(count), "-k", "gthread", "--threads", "8", "-b", "127.0.0.1:0",
+                    "--keep-alive", "75")  # fmt: skip
             started = [self._spawn("-m", "gunicorn", *args, app)]
             pattern = _GUNICORN
         else:
-            uvicorn = ("-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "0")
+            uvicorn = ("-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "0",
+                       "--timeout-keep-alive", "75")  # fmt: skip
             started = [self._spawn(*uvicorn, "--no-access-log") for _ in range(count)]
             pattern = _UVICORN
         urls = [self._url(process, log, pattern) for process, log in started]
