@@ -156,19 +156,22 @@ def on_every_connection(engine: Engine, *pragmas: str) -> Iterator[Callable[[], 
     """New connections of ``engine`` run ``pragmas`` until the returned function is
     called; the pool is emptied both times, so that the change reaches every user."""
 
-    def configure(dbapi_connection: Any, _record: Any) -> None:
-        for pragma in pragmas:
-            dbapi_connection.execute(pragma)
+    done = False
 
+    def configure(dbapi_connection: Any, _record: Any) -> None:
+        if not done:
+            for pragma in pragmas:
+                dbapi_connection.execute(pragma)
+
+    # Listening is set up before any worker runs, and never removed: removing a listener
+    # while a worker's thread connects would race SQLAlchemy's dispatch of it.
     event.listen(engine, "connect", configure)
     engine.dispose()
-    done = False
 
     def restore() -> None:
         nonlocal done
         if not done:
             done = True
-            event.remove(engine, "connect", configure)
             engine.dispose()
 
     try:
