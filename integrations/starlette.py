@@ -36,6 +36,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reliable import Reliable, current_job
+from reliable.context import to_the_end
 from reliable.dashboard import Console
 from reliable.dashboard.asgi import answer as dashboard_answer
 from reliable.runtime import Runtime
@@ -442,7 +443,7 @@ class StarletteAdapter:
             if inspect.iscoroutinefunction(route.fn):
                 result = await call()
             else:  # as Starlette runs a plain endpoint: in a thread, beside an event loop
-                result = await anyio.to_thread.run_sync(call)
+                result = await to_the_end(anyio.to_thread.run_sync(call))
         except Exception as exc:
             result = await _handle(exc, request, host)
             if result is None:

@@ -10,15 +10,18 @@ lease and its concurrency slots.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from .clock import Clock
 from .errors import ReliableError
+
+T = TypeVar("T")
 
 # Why an attempt is told to stop.
 CANCELLED = "cancelled"
@@ -151,3 +154,24 @@ def current_job() -> JobContext:
     if job is None:
         raise ReliableError("current_job() was called outside a job")
     return job
+
+
+async def to_the_end(work: Awaitable[T]) -> T:
+    """Await ``work`` (a function run in a thread, typically) to its end: when the
+    awaiting task is cancelled (its attempt timed out, cancelled, shut down), it still
+    waits until ``work`` has ended and only then raises ``CancelledError``. A thread
+    cannot be stopped, and an attempt keeps its job, lease and slots while its function
+    still runs; a result that comes after the cancel is discarded."""
+    running = asyncio.ensure_future(work)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(running)
+        except asyncio.CancelledError as exc:
+            if running.done():
+                raise
+            cancelled = exc  # told to stop: the thread runs on, and the attempt with it
+            continue
+        if cancelled is not None:
+            raise cancelled
+        return result

@@ -6,6 +6,8 @@ lock, a locked row on PostgreSQL) never delays a renewal. Between renewals it lo
 with a cheap read, whether any attempt the worker holds was cancelled or lost its
 lease, so that a job cancelled while it waits in the worker's queue never starts, and a
 running one is told to stop at its next step.
+
+``recover`` is the dispatcher's periodic repair: the jobs of dead workers requeued.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from .background import Background
 from .clock import Clock
 from .errors import StoreError
+from .registry import Registry
 from .store import AttemptStates, Store
 
 log = logging.getLogger("reliable.worker")
@@ -87,3 +90,15 @@ class LeaseKeeper(Background):
             if held:
                 wait = min(wait, CANCEL_CHECK_SECONDS)
             self._closed.wait(max(0.0, wait))
+
+
+def recover(store: Store, registry: Registry, now: float) -> bool:
+    """Requeue the jobs of dead workers, and repair what races may have left; whether
+    jobs became due."""
+    woken = bool(store.recover_expired(now))
+    woken |= bool(store.wake_orphaned_sleepers(now))
+    if registry.limited_at_claim():
+        woken |= bool(store.sweep_parked())
+    if registry.rate_limited():
+        store.prune_rate_events(now)
+    return woken

@@ -16,10 +16,11 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, NoReturn, TypeVar
 
 from . import tracing
-from .context import CANCELLED, LEASE_LOST, AttemptControl, StopAttempt
+from .context import CANCELLED, LEASE_LOST, AttemptControl, StopAttempt, to_the_end
 from .durations import Duration, parse_duration
 from .errors import ReliableError
 from .runtime import Runtime
@@ -177,7 +178,7 @@ async def _step_async(
     kwargs: dict[str, Any],
     retries: int,
 ) -> T:
-    done = await asyncio.to_thread(_finished, runner, name)
+    done = await to_the_end(asyncio.to_thread(_finished, runner, name))
     if done is not None:
         stored: T = loads(done.result or "null")
         return stored
@@ -191,12 +192,15 @@ async def _step_async(
             except Exception as exc:
                 if remaining:
                     continue
-                await asyncio.to_thread(
-                    _record, runner, name, position, started, tries, error=_error(exc)
+                await to_the_end(
+                    asyncio.to_thread(
+                        _record, runner, name, position, started, tries, error=_error(exc)
+                    )
                 )
                 raise
             result = dumps(value)
-            await asyncio.to_thread(_record, runner, name, position, started, tries, result=result)
+            record = partial(_record, runner, name, position, started, tries, result=result)
+            await to_the_end(asyncio.to_thread(record))
             runner.control.check()
             return value
     raise AssertionError("unreachable")

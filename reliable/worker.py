@@ -43,7 +43,7 @@ from .execution import (
     timeout_of,
 )
 from .handover import Running, SlotHandOver
-from .leases import LeaseKeeper
+from .leases import LeaseKeeper, recover
 from .logs import install_default_handler
 from .overruns import Overruns
 from .registry import Registry
@@ -66,6 +66,8 @@ RIDERS_PER_SLOT = PREFETCH_PER_THREAD
 # batches: when a thread is about to idle, or when the oldest finished attempt has
 # waited this long.
 SETTLE_DELAY_SECONDS = 0.05
+# How long giving back at exit waits for the dispatcher's round in progress to end.
+EXIT_WAIT_SECONDS = 5.0
 
 
 def new_worker_id() -> str:
@@ -130,6 +132,7 @@ class Worker:
         self._draining = False  # past the grace period: attempts still running told to stop
         self._grace_deadline = 0.0
         self._released = threading.Event()  # stop() may return: done, or draining
+        self._round = threading.Lock()  # held while the dispatcher writes to the store
         self._dispatcher: threading.Thread | None = None
         self._executors: list[threading.Thread] = []
         self._listener: object | None = None
@@ -246,19 +249,27 @@ class Worker:
             return self._overruns.listed(time.monotonic())
 
     def release_leftovers(self) -> None:
-        """At interpreter exit: give back at once the jobs this worker still holds
-        (the threads running them end with the process), so another worker takes them
-        now instead of when their leases expire."""
+        """At interpreter exit: settle the attempts that have ended and give back at
+        once the jobs this worker still holds (the threads running them end with the
+        process), so another worker takes them now instead of when their leases expire.
+
+        The dispatcher's round in progress ends first (for up to a few seconds): what
+        it settles is not settled twice, and nothing ended is left unsettled."""
+        held = self._round.acquire(timeout=EXIT_WAIT_SECONDS)
         with self._cond:
             leftovers = [(r.job.id, r.job.attempt) for r in self._running.values()]
-        if not leftovers:
-            return
+            finished, self._finished = self._finished, []
         try:
+            if finished:
+                self.store.settle(self.id, finished)
             count = self.store.release(self.id, leftovers, self.runtime.clock.now())
             self.store.remove_worker(self.id)
         except StoreError as exc:
             log.warning("worker %s: could not give back its jobs at exit (%s)", self.id, exc)
             return
+        finally:
+            if held:
+                self._round.release()
         log.info("worker %s gave back %d jobs still running at exit", self.id, count)
 
     # -- what the lease keeper learns -----------------------------------------------------
@@ -451,15 +462,17 @@ class Worker:
                     if self._next_due is not None and now >= self._next_due:
                         self._next_due = None
             try:
-                if unstarted:
-                    self.store.release(self.id, unstarted, self.runtime.clock.now())
-                if finished or max(wanted) > 0:
-                    self._claim(finished, wanted, kept)
-                finished = []
-                now = time.monotonic()
-                if now >= next_recovery:
-                    self._recover()
-                    next_recovery = now + lease / 2 * random.uniform(0.75, 1.25)
+                with self._round:
+                    if unstarted:
+                        self.store.release(self.id, unstarted, self.runtime.clock.now())
+                    if finished or max(wanted) > 0:
+                        self._claim(finished, wanted, kept)
+                    finished = []
+                    now = time.monotonic()
+                    if now >= next_recovery:
+                        if recover(self.store, self.registry, self.runtime.clock.now()):
+                            self.wake()
+                        next_recovery = now + lease / 2 * random.uniform(0.75, 1.25)
                 failures = 0
             except Exception as exc:  # the dispatcher must outlive any one failure
                 failures += 1
@@ -473,18 +486,6 @@ class Worker:
                     self._finished_since = 0.0
                     self._wanted = True
                     self._cond.wait(pause)
-
-    def _recover(self) -> None:
-        """Requeue the jobs of dead workers, and repair what races may have left."""
-        now = self.runtime.clock.now()
-        woken = bool(self.store.recover_expired(now))
-        woken |= bool(self.store.wake_orphaned_sleepers(now))
-        if self.registry.limited_at_claim():
-            woken |= bool(self.store.sweep_parked())
-        if self.registry.rate_limited():
-            self.store.prune_rate_events(now)
-        if woken:
-            self.wake()
 
     def _claim(
         self, finished: list[Outcome], wanted: tuple[int, int], kept: dict[str, int]

@@ -42,6 +42,19 @@ class Recorder(logging.Handler):
         return [r.getMessage() for r in self.records if r.levelno >= level]
 
 
+def script_output(script: str, db_url: str) -> str:
+    """Run ``script`` in a process of its own (argument: the database URL); its output."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, db_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 @pytest.fixture
 def live(db_url: str) -> Iterator[Reliable]:
     app = Reliable(db_url, embedded_worker=False)
@@ -330,6 +343,38 @@ def test_stopping_a_worker_with_async_jobs_running_leaves_nothing_behind(
     assert job.status == "queued" and job.attempts == 0, "given back, uncounted"
 
 
+EXIT_SCRIPT = """
+import asyncio, os, sys, time
+from reliable import Reliable
+
+rel = Reliable(sys.argv[1], embedded_worker=False)
+
+@rel.task
+async def long() -> None:
+    await asyncio.sleep(60)
+
+handles = [long.enqueue() for _ in range(20)]
+rel.start_worker(threads=1)
+while any(h.status() != "running" for h in handles):
+    time.sleep(0.01)
+print(" ".join(h.id for h in handles), flush=True)
+rel.stop_worker(timeout=0.1, exiting=True)
+os._exit(0)  # as a server ends on SIGTERM: no atexit, no other thread goes on
+"""
+
+
+def test_a_process_ending_gives_back_the_jobs_whose_coroutines_just_ended(
+    live: Reliable,
+) -> None:
+    # Past the grace period the coroutines are cancelled and end at once, given back;
+    # stop(exiting=True) returns only once that is in the database, since the process
+    # ends right after, before the worker's next round would have settled it.
+    live.store  # noqa: B018 - the schema exists before the process starts
+    ids = script_output(EXIT_SCRIPT, live.settings.database_url).split()
+    jobs = [live.get_job(job_id) for job_id in ids]
+    assert [(j.status, j.attempts) for j in jobs] == [("queued", 0)] * 20
+
+
 def test_leases_are_renewed_while_an_async_job_awaits(db_url: str) -> None:
     app = Reliable(db_url, embedded_worker=False, lease_seconds=1)
     runs: list[int] = []
@@ -416,18 +461,69 @@ print(json.dumps({"events": events, "statuses": [r["status_code"] for r in resul
 def test_offloaded_async_starlette_routes_run_on_the_loop(db_url: str) -> None:
     # A process of its own: one that imports only the ASGI integrations, as a Starlette
     # or FastAPI deployment does (here the Flask one is imported by other tests).
-    done = subprocess.run(
-        [sys.executable, "-c", ROUTE_SCRIPT, db_url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = json.loads(script_output(ROUTE_SCRIPT, db_url).splitlines()[-1])
     assert report["statuses"] == [201] * 12
     events = report["events"]
     first_end = next(i for i, (kind, _) in enumerate(events) if kind == "end")
     assert sum(1 for kind, _ in events[:first_end] if kind == "start") > 2 * 2
     assert {name for _, name in events} == {events[0][1]}
     assert events[0][1].startswith("reliable-loop")
+
+
+SYNC_ROUTE_SCRIPT = """
+import json, sys, threading, time, warnings
+from starlette.applications import Starlette
+from starlette.exceptions import StarletteDeprecationWarning
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from reliable import Reliable
+from reliable.integrations.starlette import ReliableMiddleware
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
+
+rel = Reliable(sys.argv[1], embedded_worker=False)
+events = []
+lock = threading.Lock()
+
+def note(what, n):
+    with lock:
+        events.append([what, n])
+
+def work(request: Request) -> JSONResponse:  # a plain def: Starlette runs it in a thread
+    n = int(request.query_params["n"])
+    note("start", n)
+    time.sleep(1.5 if n == 0 else 0)  # the first outlives its timeout in its thread
+    note("end", n)
+    return JSONResponse({"n": n})
+
+app = Starlette(
+    routes=[Route("/work", rel.offload(work, concurrency=1, timeout=0.3, retries=0),
+                  methods=["POST"])],
+    middleware=[Middleware(ReliableMiddleware, reliable=rel)],
+)
+client = TestClient(app)
+first = client.post("/work?n=0").json()["id"]
+rel.start_worker(threads=2)
+while not events:
+    time.sleep(0.01)
+second = client.post("/work?n=1").json()["id"]
+rel.job(second).result(timeout=60)
+rel.stop_worker(timeout=5)
+print(json.dumps({"events": events, "first": rel.get_job(first).status,
+                  "error": str(rel.get_job(first).error)}))
+rel.close()
+"""
+
+
+def test_a_timed_out_plain_starlette_endpoint_keeps_its_slot_until_it_returns(
+    db_url: str,
+) -> None:
+    # The endpoint runs in a thread under the loop's coroutine: the coroutine is
+    # cancelled at the timeout, but the attempt ends, and frees its slot, only when the
+    # function has returned; the cap of 1 is never exceeded.
+    report = json.loads(script_output(SYNC_ROUTE_SCRIPT, db_url).splitlines()[-1])
+    assert report["events"] == [["start", 0], ["end", 0], ["start", 1], ["end", 1]]
+    assert report["first"] == "failed" and "AttemptTimeout" in report["error"]
