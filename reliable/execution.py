@@ -357,7 +357,6 @@ def _attempt(registry: Registry, job: ClaimedJob, control: AttemptControl | None
         exc = ReliableError(f"no attempts left after attempt {job.attempt - 1} was lost")
         return failure(registry, task, job, exc, retry=False)
 
-    timeout = timeout_of(registry, task)
     control = control or attempt_control(registry, job)
     keys = dict(parse_limits(job.limits).keys) if job.limits else {}
     context = JobContext(job.id, task.name, job.attempt, job.queue, keys, control=control)
@@ -373,10 +372,10 @@ def _attempt(registry: Registry, job: ClaimedJob, control: AttemptControl | None
             value = yield value, control
         reason = control.why()
         if reason is not None and reason != SHUTDOWN:  # it returned, but too late
-            return stopped(registry, job, reason, timeout)
+            return stopped(registry, job, reason, timeout_of(registry, task))
         result = dumps(value)
     except StopAttempt as stop:
-        return stopped(registry, job, stop.reason, timeout)
+        return stopped(registry, job, stop.reason, timeout_of(registry, task))
     except Suspend as suspended:
         now = registry.runtime.clock.now()
         return Outcome(
@@ -401,7 +400,7 @@ def _attempt(registry: Registry, job: ClaimedJob, control: AttemptControl | None
     except Exception as exc:
         reason = control.why()
         if reason is not None and reason != SHUTDOWN:
-            return stopped(registry, job, reason, timeout)
+            return stopped(registry, job, reason, timeout_of(registry, task))
         return failure(registry, task, job, exc, retry=isinstance(exc, task.options.retry_on))
     finally:
         _runner.reset(steps_token)

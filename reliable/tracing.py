@@ -11,6 +11,7 @@ are no-ops, and without the package nothing of OpenTelemetry is imported.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,8 @@ except ImportError:  # tracing is optional
 
 TRACER_NAME = "reliable"
 _PROPAGATOR: Any = None if trace is None else TraceContextTextMapPropagator()
+# OpenTelemetry also takes a tracer provider named by this variable.
+_PROVIDER_FROM_ENVIRONMENT = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def enabled() -> bool:
@@ -35,6 +38,8 @@ def recording() -> bool:
     default one records nothing, and spans are skipped (they cost microseconds a job)."""
     if trace is None:
         return False
+    if getattr(trace, "_TRACER_PROVIDER", None) is None and not _PROVIDER_FROM_ENVIRONMENT:
+        return False  # none set (the cheap look, on every attempt's path)
     provider = trace.get_tracer_provider()
     return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 

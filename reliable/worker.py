@@ -26,7 +26,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -367,7 +366,7 @@ class Worker:
             if running is None or running.job.attempt != item.attempt:
                 return None
             running.started = began = time.monotonic()
-            job = replace(item, started_at=self.runtime.clock.now())
+            job = item.begun(self.runtime.clock.now())
             control = running.control = attempt_control(self.registry, job)
         return job, control, began
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from reliable import (
     current_job,
 )
 from reliable.errors import ReliableError
+from reliable.store import ClaimedJob
 
 
 def test_enqueue_then_run_returns_the_result(rel: Reliable) -> None:
@@ -321,3 +323,11 @@ def test_arguments_over_the_payload_limit_are_refused_and_nothing_is_stored(db_u
         assert handle.result(timeout=1) == 100
     finally:
         app.close()
+
+
+def test_a_claim_begun_later_keeps_every_field_but_its_start() -> None:
+    values: dict[str, Any] = {}
+    for number, field in enumerate(dataclasses.fields(ClaimedJob)):
+        values[field.name] = True if field.type == "bool" else f"v{number}"
+    claimed = ClaimedJob(**values)
+    assert claimed.begun(99.0) == dataclasses.replace(claimed, started_at=99.0)

@@ -123,6 +123,28 @@ class ClaimedJob:
     run_at: float | None = None
     trace_context: str | None = None
 
+    def begun(self, at: float) -> ClaimedJob:
+        """This claim with its attempt begun at ``at``: a job claimed ahead starts later
+        than it was claimed. (``dataclasses.replace`` costs several times more, and this
+        is on every attempt's path.)"""
+        return ClaimedJob(
+            id=self.id,
+            task=self.task,
+            queue=self.queue,
+            payload=self.payload,
+            attempt=self.attempt,
+            started_at=at,
+            lease_owner=self.lease_owner,
+            limits=self.limits,
+            slot_group=self.slot_group,
+            holds_slots=self.holds_slots,
+            attempt_base=self.attempt_base,
+            start_by=self.start_by,
+            finish_by=self.finish_by,
+            run_at=self.run_at,
+            trace_context=self.trace_context,
+        )
+
 
 @dataclass(slots=True)
 class Outcome:
