@@ -9,7 +9,7 @@ On SQLite (a file in a temporary directory, default settings) and on PostgreSQL:
    first attempt started to the last job succeeded, beside a minimal claim-and-complete
    loop with the raw driver in one process: each transaction marks the previous batch
    done and claims the next, as many jobs as the worker may hold at once (threads x
-   ``reliable.worker.PREFETCH_PER_THREAD``);
+   ``reliable.worker.PREFETCH_PER_THREAD``, the most it claims ahead for short jobs);
 3. wake-up latency of an idle worker process, from the enqueue's commit to the start of
    the attempt, beside the raw signal: ``LISTEN``/``NOTIFY`` on PostgreSQL, a second
    process polling ``PRAGMA data_version`` on SQLite.

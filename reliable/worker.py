@@ -54,13 +54,15 @@ from .timekeeper import Timekeeper
 log = logging.getLogger("reliable.worker")
 
 
-# Short jobs are claimed ahead of idle threads, so one transaction serves many of them.
-PREFETCH_PER_THREAD = 8
+# Short jobs are claimed ahead of idle threads, so one transaction serves many of them:
+# per thread, as many as make about PREFETCH_SECONDS of work, from 2 to PREFETCH_PER_THREAD.
+PREFETCH_PER_THREAD = 32
+PREFETCH_SECONDS = 0.05
 SHORT_JOB_SECONDS = 0.05
 # Riders: jobs of a full concurrency group this worker holds slots of, claimed to run
 # one after another under those slots, each taking over when the last one ends. How
 # many may wait per slot held (short jobs only).
-RIDERS_PER_SLOT = PREFETCH_PER_THREAD
+RIDERS_PER_SLOT = 8
 # While claimed jobs still wait for every thread, finished attempts are settled in
 # batches: when a thread is about to idle, or when the oldest finished attempt has
 # waited this long.
@@ -555,7 +557,9 @@ class Worker:
         """How many attempts to hold at once: the threads, plus a queue of short jobs."""
         # A thread stuck past its timeout was replaced: its attempt does not count.
         if self._average_runtime < SHORT_JOB_SECONDS:
-            return self.threads * PREFETCH_PER_THREAD + self._overruns.count
+            ahead = PREFETCH_SECONDS / max(self._average_runtime, 1e-6)
+            per_thread = max(2, min(PREFETCH_PER_THREAD, int(ahead)))
+            return self.threads * per_thread + self._overruns.count
         return self.threads + self._overruns.count
 
     def _drain(self) -> None:
