@@ -140,6 +140,7 @@ class Database:
             self.engine = postgres.make_engine(self.url, pool_size=pool_size)
         self._autocommit: Engine | None = None  # see _single_statement
         self._groups: dict[str, sqlite.GroupCommit] = {}  # see _insert_alone
+        self._lone: postgres.LoneWrites | None = None  # the same, on PostgreSQL
         self._changed = threading.Condition()
         self._rotation = 0
         self._known_scopes: set[str] = set()  # concurrency counter rows that exist
@@ -191,19 +192,27 @@ class Database:
             raise StoreError(f"database write failed: {exc.orig}") from exc
 
     def _insert_alone(self, sql: str, row: tuple[Any, ...]) -> bool:
-        """On the store's own SQLite engine, commit one row: ``sql`` (compiled by
-        SQLAlchemy, positional placeholders) with the bound values ``row``; ``False``
-        elsewhere (nothing done: use ``_single_statement``).
+        """On the store's own engine, commit one row: ``sql`` (compiled by SQLAlchemy,
+        positional placeholders) with the bound values ``row``; ``False`` when not done
+        (a shared engine; PostgreSQL's connection busy or lost): use ``_single_statement``.
 
-        Rows of threads inserting at the same time are committed together, one wait
+        PostgreSQL: one statement on a connection kept for it (``postgres.LoneWrites``).
+
+        SQLite: rows of threads inserting at the same time are committed together, one wait
         for the disk for all (``sqlite.GroupCommit``); a lone row is one statement in
         autocommit mode. As the group writes one batch at a time, it keeps one
         connection of its own (made by the engine, with its PRAGMAs), and skips the
         pool's checkout and the ``Connection`` wrapper, which cost as much CPU as
         SQLite's insert itself. SQLite never drops a connection: no reconnect to handle.
         """
-        if self.dialect != "sqlite" or self.shared or self.closed:
+        if self.shared or self.closed:
             return False
+        if self.dialect == "postgresql":
+            if self._lone is None:
+                with self._users_lock:
+                    if self._lone is None:
+                        self._lone = postgres.LoneWrites(self.engine)
+            return self._lone.execute(sql, row)
         group = self._groups.get(sql)
         if group is None:  # one per statement (there is one: the job INSERT)
             with self._users_lock:
@@ -321,8 +330,11 @@ class Database:
             self.closed = True
             busy = self._users > 0
             groups, self._groups = list(self._groups.values()), {}
+            lone, self._lone = self._lone, None
         for group in groups:
             group.close()
+        if lone is not None:
+            lone.close()
         if not busy and not self.shared:
             self.engine.dispose()
 

@@ -1,16 +1,19 @@
-"""PostgreSQL specifics: psycopg 3, ``SKIP LOCKED`` claims, LISTEN/NOTIFY wake-ups."""
+"""PostgreSQL specifics: psycopg 3, ``SKIP LOCKED`` claims, LISTEN/NOTIFY wake-ups, a
+connection of its own for single-statement writes."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 
 log = logging.getLogger("reliable.store")
 
@@ -116,3 +119,75 @@ class Listener:
         self._stopped.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
+
+
+class LoneWrites:
+    """A psycopg connection of its own, in autocommit mode, for writes that are one
+    statement (a lone enqueue): one round trip, without the pool's checkout, the switch
+    to autocommit and back, and the reset on return, which together cost as much time
+    as the round trip itself.
+
+    One thread uses it at a time: another finds it busy and takes a pooled connection
+    instead, so producers still write in parallel. When the server has dropped it, it
+    is closed and the write goes through the pool, which reconnects (a write that had
+    reached the server then fails there on its duplicate key, as any write whose
+    connection is lost during its commit does).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._closed = False
+        # The engine's pool emptied (engine.dispose()): connect again at the next write.
+        self._stale = False
+        event.listen(engine, "engine_disposed", self._disposed)
+
+    def _disposed(self, _engine: Engine) -> None:
+        self._stale = True
+
+    def execute(self, sql: str, row: tuple[Any, ...]) -> bool:
+        """Run ``sql`` (``%s`` placeholders) with ``row`` bound, committed on its own;
+        ``False`` when it was not run here (busy, closed or disconnected: use the pool).
+        ``StoreError`` when the database refused it."""
+        import psycopg
+
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._closed:
+                return False
+            if self._stale:
+                self._stale = False
+                self._drop()
+            if self._connection is None:
+                pooled = self._engine.raw_connection()  # set up as the engine's others
+                connection: Any = pooled.driver_connection
+                pooled.detach()  # its own from now on: closed by close()
+                connection.autocommit = True
+                self._connection = connection
+            try:
+                self._connection.execute(sql, row)
+            except psycopg.OperationalError:
+                self._drop()
+                return False
+            except psycopg.Error as exc:
+                wrapped = DBAPIError.instance(sql, row, exc, psycopg.Error)
+                raise StoreError(f"database write failed: {exc}") from wrapped
+            return True
+        finally:
+            self._lock.release()
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception as exc:  # already broken: nothing more to release
+                log.debug("closing a dropped connection failed (%s)", exc)
+
+    def close(self) -> None:
+        """Close the connection (after the write under way, if any)."""
+        with self._lock:
+            self._closed = True
+            self._drop()
