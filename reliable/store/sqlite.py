@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import weakref
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -36,31 +37,8 @@ def make_engine(url: URL, *, synchronous: str, pool_size: int) -> Engine:
         max_overflow=pool_size * 2,
     )
 
-    @event.listens_for(engine, "connect")
-    def _configure(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
-        # The driver must not open transactions on its own; "begin" below does.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Any) -> None:
-        # Straight to the driver: this runs for every transaction, on the hot paths.
-        options = connection.get_execution_options()
-        if options.get("reliable_autocommit"):
-            return  # one statement, its own transaction
-        begin = "BEGIN" if options.get("reliable_read") else "BEGIN IMMEDIATE"
-        try:
-            connection.connection.driver_connection.execute(begin)
-        except sqlite3.Error as exc:
-            # Raised here, outside a statement, the driver's own error would reach callers
-            # as it is (a read-only file, a lock held past the busy timeout): wrapped, it
-            # is a DBAPIError like any other, which the store reports as a StoreError.
-            raise DBAPIError.instance(begin, None, exc, sqlite3.Error) from exc
-
+    event.listen(engine, "connect", partial(_configure, synchronous=synchronous, own=True))
+    event.listen(engine, "begin", partial(_begin, shared=False))
     return engine
 
 
@@ -81,30 +59,49 @@ def share_engine(engine: Engine, *, synchronous: str) -> Engine:
     if engine not in _SHARED:
         _SHARED.add(engine)
 
-        @event.listens_for(engine, "connect")
-        def _configure(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute(f"PRAGMA synchronous={synchronous}")
-            cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin(connection: Any) -> None:
-            options = connection.get_execution_options()
-            if not options.get("reliable_store") or options.get("reliable_autocommit"):
-                return
-            begin = "BEGIN" if options.get("reliable_read") else "BEGIN IMMEDIATE"
-            driver = connection.connection.driver_connection
-            try:
-                if not driver.in_transaction:
-                    driver.execute(begin)
-            except sqlite3.Error as exc:
-                raise DBAPIError.instance(begin, None, exc, sqlite3.Error) from exc
-
+        event.listen(engine, "connect", partial(_configure, synchronous=synchronous, own=False))
+        event.listen(engine, "begin", partial(_begin, shared=True))
         with engine.connect() as connection:
             connection.exec_driver_sql("PRAGMA journal_mode=WAL")
             connection.rollback()
     return engine.execution_options(reliable_store=True)
+
+
+def _configure(
+    dbapi_connection: sqlite3.Connection, _record: Any, *, synchronous: str, own: bool
+) -> None:
+    """Every new connection: the durability asked for and the busy timeout, so that
+    writers wait for each other's lock instead of failing. On the store's own engine
+    (``own``) the driver must not open transactions by itself (``_begin`` does), and
+    the file is put in WAL mode (a shared engine's file is put in it once)."""
+    if own:
+        dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    if own:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
+    cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+    cursor.close()
+
+
+def _begin(connection: Any, *, shared: bool) -> None:
+    """A store transaction begins: ``BEGIN IMMEDIATE`` (the write lock at once), or a
+    deferred ``BEGIN`` for a read (``reliable_read``), nothing for one statement
+    (``reliable_autocommit``). On a shared engine, the application's own connections
+    are left to the driver. Straight to the driver: this runs for every transaction."""
+    options = connection.get_execution_options()
+    if options.get("reliable_autocommit") or (shared and not options.get("reliable_store")):
+        return
+    begin = "BEGIN" if options.get("reliable_read") else "BEGIN IMMEDIATE"
+    driver = connection.connection.driver_connection
+    try:
+        if not (shared and driver.in_transaction):
+            driver.execute(begin)
+    except sqlite3.Error as exc:
+        # Raised here, outside a statement, the driver's own error would reach callers
+        # as it is (a read-only file, a lock held past the busy timeout): wrapped, it is
+        # a DBAPIError like any other, which the store reports as a StoreError.
+        raise DBAPIError.instance(begin, None, exc, sqlite3.Error) from exc
 
 
 def begin_write(connection: Any) -> None:
