@@ -13,10 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    JSON,
     Connection,
+    Double,
+    Integer,
     Select,
+    String,
+    Text,
     bindparam,
     case,
+    cast,
+    column,
+    func,
+    literal_column,
     null,
     select,
     update,
@@ -153,6 +162,49 @@ _SETTLE = (
         error=bindparam("b_error"),
         run_at=bindparam("b_run_at"),
         finished_at=case((IS_CANCELLED, jobs.c.finished_at), else_=bindparam("b_finished_at")),
+        lease_owner=None,
+        lease_expires_at=None,
+        slots_held=0,
+    )
+)
+
+
+# PostgreSQL: the outcomes of a round as one bound JSON parameter (a list of lists, in
+# the order of ``_SETTLED``), joined to the jobs: one statement, where ``_SETTLE`` run
+# for each outcome would cost a round trip (or a pipelined statement) each.
+_SETTLED = (
+    ("id", String),
+    ("attempt", Integer),
+    ("status", String),
+    ("attempts", Integer),
+    ("result", Text),
+    ("error", Text),
+    ("run_at", Double),
+    ("finished_at", Double),
+)
+_OUTCOME_ROWS = (
+    func.json_array_elements(cast(bindparam("rows"), JSON))
+    .table_valued(column("value", JSON))
+    .alias("o")
+)
+_O: dict[str, Any] = {
+    name: cast(_OUTCOME_ROWS.c.value.op("->>")(literal_column(str(i))), type_)
+    for i, (name, type_) in enumerate(_SETTLED)
+}
+_SETTLE_FROM_JSON = (
+    update(jobs)
+    .where(
+        jobs.c.id == _O["id"],
+        jobs.c.attempts == _O["attempt"],
+        jobs.c.lease_owner == bindparam("worker"),
+    )
+    .values(
+        status=case((IS_CANCELLED, jobs.c.status), else_=_O["status"]),
+        attempts=_O["attempts"],
+        result=case((IS_CANCELLED, null()), else_=_O["result"]),
+        error=_O["error"],
+        run_at=_O["run_at"],
+        finished_at=case((IS_CANCELLED, jobs.c.finished_at), else_=_O["finished_at"]),
         lease_owner=None,
         lease_expires_at=None,
         slots_held=0,
@@ -429,24 +481,32 @@ class Claiming(Database):
         applied = [o for o in finished if (o.job_id, o.attempt) in held]
         discarded = [o.job_id for o in finished if (o.job_id, o.attempt) not in held]
         if applied:
-            connection.execute(
-                _SETTLE,
-                [
-                    {
-                        "b_id": o.job_id,
-                        "b_attempt": o.attempt,
-                        "worker": worker_id,
-                        "b_status": o.status,
-                        # A sleep is not an attempt: the resumed one keeps its number.
-                        "b_attempts": o.attempt if o.counted else o.attempt - 1,
-                        "b_result": o.result,
-                        "b_error": o.error,
-                        "b_run_at": o.run_at if o.run_at is not None else o.finished_at,
-                        "b_finished_at": o.finished_at if o.status in TERMINAL else None,
-                    }
-                    for o in applied
-                ],
-            )
+            settled = [
+                (
+                    o.job_id,
+                    o.attempt,
+                    o.status,
+                    # A sleep is not an attempt: the resumed one keeps its number.
+                    o.attempt if o.counted else o.attempt - 1,
+                    o.result,
+                    o.error,
+                    o.run_at if o.run_at is not None else o.finished_at,
+                    o.finished_at if o.status in TERMINAL else None,
+                )
+                for o in applied
+            ]
+            if self.dialect == "postgresql":
+                rows = json.dumps(settled, ensure_ascii=False)
+                connection.execute(_SETTLE_FROM_JSON, {"rows": rows, "worker": worker_id})
+            else:
+                names = [f"b_{name}" for name, _ in _SETTLED]
+                connection.execute(
+                    _SETTLE,
+                    [
+                        {"worker": worker_id, **dict(zip(names, row, strict=True))}
+                        for row in settled
+                    ],
+                )
             failed_attempts = [
                 {
                     "job_id": o.job_id,
