@@ -1,4 +1,5 @@
-"""A worker's helper threads: each runs one loop until it is closed."""
+"""A worker's helper threads: each runs one loop until it is closed; ``backoff``, how
+long such a loop waits after failures in a row."""
 
 from __future__ import annotations
 
@@ -25,3 +26,9 @@ class Background:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+
+def backoff(failures: int, most: float) -> float:
+    """Seconds to wait after ``failures`` failures in a row: 0.1, 0.2, 0.4... up to
+    ``most`` (and no overflow, however long the database stays away)."""
+    return min(0.05 * 2.0 ** min(failures, 30), most)

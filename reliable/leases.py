@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .background import Background
+from .background import Background, backoff
 from .clock import Clock
 from .errors import StoreError
 from .registry import Registry
@@ -75,7 +75,7 @@ class LeaseKeeper(Background):
                 failures = 0
             except StoreError as exc:
                 failures += 1
-                pause = min(0.05 * 2**failures, interval / 2)
+                pause = backoff(failures, interval / 2)
                 log.warning(
                     "worker %s: cannot renew leases (%s); again in %.2fs",
                     self.worker_id,

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 
-from .background import Background
+from .background import Background, backoff
 from .errors import StoreError
 from .retention import BATCH_JOBS, FINISHED, pause_after
 from .runtime import Runtime
@@ -66,12 +66,18 @@ class Timekeeper(Background):
             except Exception:  # the thread must outlive any one failure
                 failures += 1
                 log.exception("worker %s: timekeeper error", self.worker_id)
-            wait = settings.poll_interval
-            if failures:
-                wait = min(0.05 * 2**failures, 5.0)
-            if settings.result_ttl is not None:
-                wait = min(wait, next_purge - time.monotonic())
-            due = self.timetable.next_due if self.timetable is not None else None
-            if due is not None:
-                wait = min(wait, due - clock.now())
-            self._closed.wait(max(0.0, wait))
+            self._closed.wait(max(0.0, self._wait(failures, next_purge)))
+
+    def _wait(self, failures: int, next_purge: float) -> float:
+        """Seconds until the next round: after failures, the backoff, however overdue
+        the purge or a tick is (they are what failed); else until the next poll, purge
+        or tick."""
+        if failures:
+            return backoff(failures, 5.0)
+        wait = self.runtime.settings.poll_interval
+        if self.runtime.settings.result_ttl is not None:
+            wait = min(wait, next_purge - time.monotonic())
+        due = self.timetable.next_due if self.timetable is not None else None
+        if due is not None:
+            wait = min(wait, due - self.runtime.clock.now())
+        return wait

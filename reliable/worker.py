@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any
 
 from .aio import NOTIFY_EVERY, Lanes
+from .background import backoff
 from .context import CANCELLED, LEASE_LOST, SHUTDOWN, AttemptControl
 from .errors import StoreError
 from .execution import (
@@ -63,9 +64,8 @@ SHORT_JOB_SECONDS = 0.05
 # one after another under those slots, each taking over when the last one ends. How
 # many may wait per slot held (short jobs only).
 RIDERS_PER_SLOT = 8
-# While claimed jobs still wait for every thread, finished attempts are settled in
-# batches: when a thread is about to idle, or when the oldest finished attempt has
-# waited this long.
+# While claimed jobs still wait for every thread, finished attempts are settled in batches:
+# when a thread is about to idle, or when the oldest finished attempt has waited this long.
 SETTLE_DELAY_SECONDS = 0.05
 # How long giving back at exit waits for the dispatcher's round in progress to end.
 EXIT_WAIT_SECONDS = 5.0
@@ -477,7 +477,7 @@ class Worker:
                 failures = 0
             except Exception as exc:  # the dispatcher must outlive any one failure
                 failures += 1
-                pause = min(0.05 * 2**failures, 5.0)
+                pause = backoff(failures, 5.0)
                 if isinstance(exc, StoreError):
                     log.warning("worker %s: %s; retrying in %.2fs", self.id, exc, pause)
                 else:

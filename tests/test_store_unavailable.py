@@ -33,8 +33,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from reliable import Reliable, StoreError
+from reliable.background import backoff
 from reliable.integrations.flask import ReliableFlask
 from reliable.integrations.starlette import ReliableMiddleware
+from reliable.timekeeper import Timekeeper
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -302,3 +304,18 @@ def test_an_unreachable_database_is_a_store_error_and_a_503() -> None:
     finally:
         shop.starlette.close()
         shop.rel.close()
+
+
+def test_a_worker_thread_backs_off_however_long_the_database_refuses(tmp_path: Path) -> None:
+    # A purge (or a tick) that fails is overdue at once: after failures the timekeeper
+    # waits its backoff anyway, instead of spinning; and the backoff never overflows.
+    assert [backoff(n, 5.0) for n in (1, 2, 3)] == [0.1, 0.2, 0.4]
+    assert backoff(10_000, 5.0) == 5.0
+    app = Reliable(f"sqlite:///{tmp_path / 'jobs.db'}", embedded_worker=False, result_ttl=60)
+    try:
+        keeper = Timekeeper(app.runtime, None, "w")
+        assert keeper._wait(failures=3, next_purge=0.0) == 0.4
+        assert keeper._wait(failures=10_000, next_purge=0.0) == 5.0
+        assert keeper._wait(failures=0, next_purge=0.0) <= 0.0  # due: purge now
+    finally:
+        app.close()
