@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint soak demo quickstart bench peers-venv clean
+.PHONY: install test lint soak demo quickstart bench plots peers-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ quickstart: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.core
+
+# Charts of bench/results/*.json into docs/images/ and their section of docs/benchmarks.md.
+plots: $(STAMP)
+	$(BIN)/python -m bench.plots
 
 peers-venv:
 	PYTHON=$(PYTHON) bench/peers/setup.sh
