@@ -51,11 +51,24 @@ class LeaseKeeper(Background):
         self._held = held
         self._apply = apply
         self._about = about
+        self._next_renewal = 0.0
         super().__init__(f"reliable-leases-{worker_id}")
+
+    def start(self) -> None:
+        """Record the worker alive now, before it claims anything (so that it is listed
+        as soon as it runs jobs), then keep it so on the thread."""
+        try:
+            self.store.heartbeat(
+                self.worker_id, (), self.clock.now, self.lease_seconds, **self._about()
+            )
+            self._next_renewal = time.monotonic() + self.lease_seconds / 3
+        except StoreError as exc:  # the thread tries again at once
+            log.warning("worker %s: cannot record itself alive yet (%s)", self.worker_id, exc)
+        super().start()
 
     def _run(self) -> None:
         interval = self.lease_seconds / 3
-        next_renewal = time.monotonic()
+        next_renewal = self._next_renewal
         failures = 0
         while not self._closed.is_set():
             now = time.monotonic()

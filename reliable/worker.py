@@ -55,10 +55,9 @@ from .timekeeper import Timekeeper
 log = logging.getLogger("reliable.worker")
 
 
-# Short jobs are claimed ahead of idle threads, so one transaction serves many of them:
-# per thread, as many as make about PREFETCH_SECONDS of work, from 2 to PREFETCH_PER_THREAD.
-PREFETCH_PER_THREAD = 32
-PREFETCH_SECONDS = 0.05
+# Short jobs are claimed ahead of idle threads, so one transaction serves many of them: per
+# thread PREFETCH_LEAST, or up to PREFETCH_PER_THREAD as make about PREFETCH_SECONDS of work.
+PREFETCH_LEAST, PREFETCH_PER_THREAD, PREFETCH_SECONDS = 8, 32, 0.05
 SHORT_JOB_SECONDS = 0.05
 # Riders: jobs of a full concurrency group this worker holds slots of, claimed to run
 # one after another under those slots, each taking over when the last one ends. How
@@ -558,7 +557,7 @@ class Worker:
         # A thread stuck past its timeout was replaced: its attempt does not count.
         if self._average_runtime < SHORT_JOB_SECONDS:
             ahead = PREFETCH_SECONDS / max(self._average_runtime, 1e-6)
-            per_thread = max(2, min(PREFETCH_PER_THREAD, int(ahead)))
+            per_thread = max(PREFETCH_LEAST, min(PREFETCH_PER_THREAD, int(ahead)))
             return self.threads * per_thread + self._overruns.count
         return self.threads + self._overruns.count
 

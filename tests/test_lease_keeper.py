@@ -103,3 +103,15 @@ def test_a_running_job_keeps_its_lease_while_the_worker_waits_for_a_lock(
         other.close()
     assert live.get_job(first.id).attempts == 1
     assert live.get_attempts(first.id) == []  # never lost, never taken over
+
+
+def test_a_worker_is_listed_alive_before_it_claims_anything(live: Reliable) -> None:
+    # Its first heartbeat is written by start() itself: a job it runs at once never
+    # comes before the worker that ran it in the workers table (metrics, dashboard).
+    worker = live.start_worker(threads=1)
+    try:
+        listed = {w.id: w for w in live.store.list_workers()}
+        assert worker.id in listed
+        assert listed[worker.id].threads == 1
+    finally:
+        live.stop_worker(timeout=5)
