@@ -114,7 +114,8 @@ class Enqueuing(Database):
             if self.dialect == "sqlite":
                 sqlite.begin_write(connection)
             if idempotency is None and not (job.rate_limits or job.debounce):
-                connection.execute(_INSERT_JOB, self._job_values(job, job.run_at))
+                # Compiled once, values bound as they are: no per-call processing.
+                connection.exec_driver_sql(self._insert_jobs_sql(), self._job_row(job))
                 return EnqueueResult(job.id, True)
             with connection.begin_nested():
                 return self._enqueue_in(connection, job, idempotency, now)
