@@ -22,8 +22,10 @@ from .store import Store
 from .telemetry import Counters
 
 # How long a worker trusts the pauses it read: a pause (or resume) in another process
-# takes effect within this, and a claim's poll interval.
-PAUSES_CHECK_SECONDS = 0.25
+# takes effect within this (docs/operating.md: within a second). An idle worker reads
+# them at its poll, once a second by default, so a job that wakes it up within the
+# second is claimed without waiting for that read.
+PAUSES_CHECK_SECONDS = 1.0
 
 # May the caller (a framework request) read or cancel this job? See
 # ``Reliable.status_access``.
