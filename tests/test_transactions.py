@@ -8,12 +8,13 @@ processes use real child processes (the code they run is ``CHILD`` below).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -486,6 +487,63 @@ def test_the_flask_sqlalchemy_example_commits_an_order_with_its_receipt_or_neith
         engine.dispose()
 
 
+def test_an_offloaded_starlette_route_commits_its_job_with_what_the_request_wrote(
+    engine: Engine,
+) -> None:
+    """``session=`` on a Starlette route: the job joins the request's session, committed
+    with what an inner middleware wrote before the 202; a refused request (429) commits
+    nothing of it (the middleware rolls its session back)."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from reliable.integrations.starlette import ReliableMiddleware
+
+    with warnings.catch_warnings():  # starlette asks for httpx2; httpx works the same here
+        warnings.simplefilter("ignore", StarletteDeprecationWarning)
+        from starlette.testclient import TestClient
+
+    rel = Reliable(engine=engine, embedded_worker=False)
+
+    class SessionPerRequest:
+        """The application's own: a session per request that writes the order first."""
+
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            with Session(engine) as session:
+                order = dict(scope["headers"])[b"x-order"].decode()
+                session.execute(insert(orders).values(id=order))
+                scope.setdefault("state", {})["db"] = session
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    session.rollback()  # what the route did not commit
+
+    def build_report(request: Request) -> JSONResponse:
+        return JSONResponse({"order": request.headers["X-Order"]}, status_code=201)
+
+    route = rel.offload(build_report, rate_limit="1/hour", session=lambda r: r.state.db)
+    app = Starlette(
+        routes=[Route("/reports", route, methods=["POST"])],
+        middleware=[Middleware(ReliableMiddleware, reliable=rel), Middleware(SessionPerRequest)],
+    )
+    try:
+        with TestClient(app) as client:
+            one_accepted_one_refused(
+                lambda order: client.post("/reports", headers={"X-Order": order}), engine, rel
+            )
+    finally:
+        rel.close()
+
+
 def test_the_fastapi_sqlalchemy_example_commits_an_order_with_its_receipt(
     examples: dict[str, Any],
 ) -> None:
@@ -509,6 +567,20 @@ def test_the_fastapi_sqlalchemy_example_commits_an_order_with_its_receipt(
         app.state.reliable.close()
         module.Base.metadata.drop_all(engine)
         engine.dispose()
+
+
+def one_accepted_one_refused(post: Callable[[str], Any], engine: Engine, rel: Reliable) -> None:
+    """``post(order)`` twice on a route limited to one request an hour: the first
+    request's order and job are committed together, the refused one's (429) neither."""
+    accepted = post("o-1")
+    assert accepted.status_code == 202, accepted.text
+    refused = post("o-2")
+    assert refused.status_code == 429, refused.text
+    assert order_ids(engine) == ["o-1"]
+    assert count(engine, "reliable_jobs") == 1
+    assert rel.run_until_idle() == 1
+    job_id = json.loads(accepted.text)["id"]
+    assert rel.get_job(job_id).result["body"] == {"order": "o-1"}
 
 
 def test_an_offloaded_route_commits_its_job_with_what_the_request_wrote(
@@ -540,14 +612,9 @@ def test_an_offloaded_route_commits_its_job_with_what_the_request_wrote(
 
     ReliableFlask(app, rel)
     client = app.test_client()
-    accepted = client.post("/reports", headers={"X-Order": "o-1"})
-    assert accepted.status_code == 202, accepted.text
-    refused = client.post("/reports", headers={"X-Order": "o-2"})
-    assert refused.status_code == 429, refused.text
-    assert order_ids(engine) == ["o-1"]
-    assert count(engine, "reliable_jobs") == 1
-    assert rel.run_until_idle() == 1
-    assert rel.get_job(accepted.get_json()["id"]).result["body"] == {"order": "o-1"}
+    one_accepted_one_refused(
+        lambda order: client.post("/reports", headers={"X-Order": order}), engine, rel
+    )
     rel.close()
     with app.app_context():
         db.engine.dispose()
