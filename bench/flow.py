@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
+from bench.async_jobs import write_docs
 from bench.flow_apps import CASES, build
 from reliable.limits import plan
 from reliable.store.schema import jobs
@@ -328,20 +329,6 @@ def peers_markdown(report: dict[str, Any]) -> list[str]:
     return [*lines, "", *notes, ""]
 
 
-def write_docs(section: str, marker: str = "bench.flow") -> None:
-    """Put ``section`` into docs/benchmarks.md between its ``marker`` comments."""
-    path = ROOT / "docs" / "benchmarks.md"
-    text_ = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- {marker}:begin", f"<!-- {marker}:end -->"
-    if begin in text_:
-        head, _, rest = text_.partition(begin)
-        tail = rest.partition(end)[2].lstrip("\n")
-        text_ = head + section + ("\n" + tail if tail else "")
-    else:
-        text_ = text_.rstrip("\n") + "\n\n" + section
-    path.write_text(text_)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer jobs, for a smoke run")
@@ -353,7 +340,7 @@ def main() -> None:
     name = "flow-quick.json" if args.quick else "flow.json"
     (results / name).write_text(json.dumps(report, indent=2) + "\n")
     if not args.quick:
-        write_docs(markdown(report))
+        write_docs(markdown(report), "bench.flow")
 
 
 if __name__ == "__main__":
