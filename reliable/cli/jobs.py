@@ -228,6 +228,21 @@ def _report(
         click.echo(f"reliable: no job with id {job_id!r}", err=True)
 
 
+def _act_on(
+    verb: str, job_ids: tuple[str, ...], all_matching: bool, yes: bool, dry_run: bool,
+    as_json: bool, database_url: str | None, app: str | None, filters: dict[str, Any],
+) -> int:  # fmt: skip
+    """``retry`` or ``cancel`` (``rel.<verb>`` for one job, ``rel.<verb>_jobs`` for
+    the jobs matching ``filters``), on the store of ``database_url`` or ``app``."""
+    given = _filters(**filters)
+    rel = open_reliable(database_url, app)
+    try:
+        bulk, one = getattr(rel, f"{verb}_jobs"), getattr(rel, verb)
+        return _act(verb, job_ids, all_matching, yes, dry_run, as_json, given, bulk, one)
+    finally:
+        rel.close()
+
+
 def bulk_options(fn: F) -> F:
     options = [
         click.argument("job_ids", nargs=-1, metavar="[JOB_ID]..."),
@@ -250,13 +265,8 @@ def retry(
     """Run failed or cancelled jobs again, now: the same jobs, their completed steps
     kept, their retries counted afresh. A job that is not failed or cancelled is left
     as it is."""
-    given = _filters(**filters)
-    rel = open_reliable(database_url, app)
-    try:
-        return _act("retry", job_ids, all_matching, yes, dry_run, as_json, given,
-                    rel.retry_jobs, rel.retry)  # fmt: skip
-    finally:
-        rel.close()
+    return _act_on("retry", job_ids, all_matching, yes, dry_run, as_json,
+                   database_url, app, filters)  # fmt: skip
 
 
 @jobs.command(short_help="cancel unfinished jobs")
@@ -267,13 +277,8 @@ def cancel(
 ) -> int:  # fmt: skip
     """Cancel jobs that have not finished: queued and sleeping ones never run (again);
     a running attempt is told to stop."""
-    given = _filters(**filters)
-    rel = open_reliable(database_url, app)
-    try:
-        return _act("cancel", job_ids, all_matching, yes, dry_run, as_json, given,
-                    rel.cancel_jobs, rel.cancel)  # fmt: skip
-    finally:
-        rel.close()
+    return _act_on("cancel", job_ids, all_matching, yes, dry_run, as_json,
+                   database_url, app, filters)  # fmt: skip
 
 
 @jobs.command(short_help="run jobs again as new jobs, from the same input")
