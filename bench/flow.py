@@ -31,10 +31,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, func, select
 
-from bench.async_jobs import write_docs
+from bench.async_jobs import fresh_postgres, write_docs
 from bench.flow_apps import CASES, build
 from reliable.limits import plan
 from reliable.store.schema import jobs
@@ -50,16 +49,6 @@ PEER_JOBS = 4000
 PEER_JOBS_QUICK = 1000
 PEERS_PYTHON = ROOT / "bench" / "peers" / ".venv" / "bin" / "python"
 PEERS_SCRIPT = ROOT / "bench" / "peers" / "flow_peers.py"
-
-
-def fresh_postgres(url: str) -> str:
-    parsed = make_url(url).set(drivername="postgresql+psycopg")
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
-    admin.dispose()
-    return url
 
 
 def fresh_url(backend: str, workdir: Path, name: str) -> str:
